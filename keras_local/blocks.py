@@ -1,0 +1,166 @@
+"""LocalBlock: encoder -> BatchNorm -> nonlinearity -> dropout, owning its local heads."""
+
+import keras
+from keras import ops
+
+from keras_local.feedback import LabelProjection
+from keras_local.heads import PredHead, SimHead, torch_kernel_initializer
+from keras_local.local_losses import get_local_loss
+from keras_local.similarity import error_percent
+
+BLOCK_KINDS = ("dense", "conv")
+
+
+class LocalBlock(keras.layers.Layer):
+    """One hidden layer trained by its own local loss.
+
+    Args:
+        kind: "dense" or "conv" (3x3 stride 1 'same' unless kernel_size/strides say
+            otherwise; a strided conv pads ``kernel_size // 2`` on each side).
+        width: units (dense) or filters (conv).
+        num_classes: classes of the pred head and of the label similarity.
+        local_loss: name in ``LOCAL_LOSSES`` ("pred", "sim", "predsim"), or None for
+            a plain layer without heads (backprop baseline).
+        bio: back-prop-free heads (feedback alignment, no sim conv, random label
+            projection of ``target_proj_size``).
+
+    ``call(x, training, labels=onehot)`` adds the local loss with ``add_loss`` and
+    updates the block's metrics: ``<name>_pred_loss``, ``<name>_sim_loss`` and
+    ``<name>_error`` (local-head error in %). Without labels it is a plain layer.
+    """
+
+    def __init__(self, kind, width, num_classes, kernel_size=3, strides=1,
+                 batch_norm=True, nonlin="relu", dropout=0.0, local_loss="predsim",
+                 beta=0.99, dim_in_decoder=4096, bio=False, target_proj_size=128,
+                 seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if kind not in BLOCK_KINDS:
+            raise ValueError(f"unknown block kind {kind!r}; choose one of {', '.join(BLOCK_KINDS)}")
+        self.kind = kind
+        self.width = width
+        self.num_classes = num_classes
+        self.kernel_size = kernel_size
+        self.strides = strides
+        self.batch_norm = batch_norm
+        self.nonlin = nonlin
+        self.dropout_rate = dropout
+        self.local_loss_name = local_loss
+        self.beta = beta
+        self.dim_in_decoder = dim_in_decoder
+        self.bio = bio
+        self.target_proj_size = target_proj_size
+        self.seed = seed
+        self.local_loss_spec = get_local_loss(local_loss) if local_loss else None
+
+        policy = self.dtype_policy
+        if kind == "conv":
+            self.encoder_padding = None
+            if strides != 1:
+                self.encoder_padding = keras.layers.ZeroPadding2D(
+                    kernel_size // 2, dtype=policy, name=f"{self.name}_encoder_padding")
+            self.encoder = keras.layers.Conv2D(
+                width, kernel_size, strides=strides,
+                padding="same" if strides == 1 else "valid",
+                kernel_initializer=torch_kernel_initializer(seed), dtype=policy, name=f"{self.name}_encoder")
+        else:
+            self.encoder_padding = None
+            self.encoder = keras.layers.Dense(
+                width, kernel_initializer=torch_kernel_initializer(seed), dtype=policy,
+                name=f"{self.name}_encoder")
+        # PyTorch BatchNorm defaults: running-average momentum 0.1, eps 1e-5.
+        self.bn = (keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype=policy,
+                                                   name=f"{self.name}_bn") if batch_norm else None)
+        if nonlin == "leakyrelu":
+            self.activation = keras.layers.LeakyReLU(negative_slope=0.01, dtype=policy, name=f"{self.name}_act")
+        else:
+            self.activation = keras.layers.ReLU(dtype=policy, name=f"{self.name}_act")
+        self.dropout = None
+        if dropout > 0:
+            dropout_cls = keras.layers.SpatialDropout2D if kind == "conv" else keras.layers.Dropout
+            self.dropout = dropout_cls(dropout, seed=seed, dtype=policy, name=f"{self.name}_dropout")
+
+        self.heads = {}
+        self.projection = None
+        self.local_metrics = {}
+        if self.local_loss_spec is not None:
+            if bio:
+                self.projection = LabelProjection(
+                    num_classes, target_proj_size, seed=None if seed is None else seed + 1,
+                    name=f"{self.name}_label_projection")
+            head_seed = None if seed is None else seed + 2
+            if "pred" in self.local_loss_spec.heads:
+                self.heads["pred"] = PredHead(num_classes, dim_in_decoder, self.projection,
+                                              seed=head_seed, dtype=policy, name=f"{self.name}_pred_head")
+                self.local_metrics["pred_loss"] = keras.metrics.Mean(name=f"{self.name}_pred_loss")
+                self.local_metrics["error"] = keras.metrics.Mean(name=f"{self.name}_error")
+            if "sim" in self.local_loss_spec.heads:
+                self.heads["sim"] = SimHead(dim_in_decoder, self.projection, seed=head_seed,
+                                            dtype=policy, name=f"{self.name}_sim_head")
+                self.local_metrics["sim_loss"] = keras.metrics.Mean(name=f"{self.name}_sim_loss")
+
+    @property
+    def has_heads(self):
+        return bool(self.heads)
+
+    def inference_layers(self):
+        """The layers that remain for deployment, in order: no heads, no dropout."""
+        return [layer for layer in (self.encoder_padding, self.encoder, self.bn, self.activation)
+                if layer is not None]
+
+    def build(self, input_shape):
+        shape = tuple(input_shape)
+        for layer in self.inference_layers():
+            layer.build(shape)
+            shape = tuple(layer.compute_output_shape(shape))
+        if self.dropout is not None:
+            self.dropout.build(shape)
+        for head in self.heads.values():
+            head.build(shape)
+
+    def compute_output_shape(self, input_shape):
+        shape = tuple(input_shape)
+        for layer in self.inference_layers():
+            shape = tuple(layer.compute_output_shape(shape))
+        return shape
+
+    def features(self, inputs, training=None):
+        """h: the output of the nonlinearity, before dropout (what the heads read)."""
+        h = inputs
+        if self.encoder_padding is not None:
+            h = self.encoder_padding(h)
+        h = self.encoder(h)
+        if self.bn is not None:
+            h = self.bn(h, training=training)
+        return self.activation(h)
+
+    def call(self, inputs, training=None, labels=None):
+        h = self.features(inputs, training=training)
+        if labels is not None and self.has_heads:
+            self.add_loss(self.local_loss(h, labels))
+        if self.dropout is not None:
+            h = self.dropout(h, training=training)
+        return h
+
+    def local_loss(self, h, labels_onehot):
+        """This block's local loss on h; updates the block's metrics."""
+        terms = self.local_loss_spec.compute(self.heads, h, labels_onehot, self.beta)
+        batch = ops.cast(ops.shape(h)[0], "float32")
+        for key in ("pred_loss", "sim_loss"):
+            if key in self.local_metrics:
+                self.local_metrics[key].update_state(terms[key], sample_weight=batch)
+        if "error" in self.local_metrics:
+            labels = ops.argmax(labels_onehot, axis=-1)
+            self.local_metrics["error"].update_state(
+                error_percent(terms["scores"], labels), sample_weight=batch)
+        return terms["loss"]
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "kind": self.kind, "width": self.width, "num_classes": self.num_classes,
+            "kernel_size": self.kernel_size, "strides": self.strides,
+            "batch_norm": self.batch_norm, "nonlin": self.nonlin, "dropout": self.dropout_rate,
+            "local_loss": self.local_loss_name, "beta": self.beta,
+            "dim_in_decoder": self.dim_in_decoder, "bio": self.bio,
+            "target_proj_size": self.target_proj_size, "seed": self.seed,
+        }

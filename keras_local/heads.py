@@ -1,0 +1,156 @@
+"""The auxiliary heads of a local block: they exist only for training."""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_local.feedback import FeedbackAlignmentDense
+from keras_local.similarity import binary_pred_loss, pred_loss, sim_loss
+
+
+def torch_kernel_initializer(seed=None):
+    """PyTorch's default Linear/Conv init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which the
+    reference's recipes were tuned with."""
+    return keras.initializers.VarianceScaling(
+        scale=1.0 / 3.0, mode="fan_in", distribution="uniform", seed=seed
+    )
+
+
+def decoder_pool_geometry(channels, size, dim_in_decoder):
+    """Average-pool kernel and padding of the pred head (REFERENCE.md section 1).
+
+    Returns (kernel_h, kernel_w, pad_h, pad_w) for a (size x size x channels) map so
+    that the flattened pooled size is at most ``dim_in_decoder`` where possible.
+    """
+    kernel_h, kernel_w = 1, 1
+    out_h, out_w = size, size
+    flat = channels * out_h * out_w
+    while flat > dim_in_decoder and kernel_h < size:
+        kernel_h *= 2
+        out_h = math.ceil(size / kernel_h)
+        flat = channels * out_h * out_w
+        if flat > dim_in_decoder:
+            kernel_w *= 2
+            out_w = math.ceil(size / kernel_w)
+            flat = channels * out_h * out_w
+    pad_h = (kernel_h * (out_h - size // kernel_h)) // 2
+    pad_w = (kernel_w * (out_w - size // kernel_w)) // 2
+    return kernel_h, kernel_w, pad_h, pad_w
+
+
+class DecoderPooling(keras.layers.Layer):
+    """Zero-pad then average-pool with kernel = stride (padding counts in the mean,
+    as PyTorch's AvgPool2d does by default); identity for dense inputs or kernel 1x1."""
+
+    def __init__(self, dim_in_decoder, **kwargs):
+        super().__init__(**kwargs)
+        self.dim_in_decoder = dim_in_decoder
+        self.geometry = None
+
+    def build(self, input_shape):
+        if len(input_shape) == 4:
+            _, height, width, channels = input_shape
+            if height != width:
+                raise ValueError(f"pred-head pooling needs square feature maps, got {input_shape}")
+            self.geometry = decoder_pool_geometry(channels, height, self.dim_in_decoder)
+
+    def call(self, h):
+        if self.geometry is None or self.geometry[:2] == (1, 1):
+            return h
+        kernel_h, kernel_w, pad_h, pad_w = self.geometry
+        if pad_h or pad_w:
+            h = ops.pad(h, ((0, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0)))
+        return ops.average_pool(h, (kernel_h, kernel_w), strides=(kernel_h, kernel_w), padding="valid")
+
+    def compute_output_shape(self, input_shape):
+        if self.geometry is None or self.geometry[:2] == (1, 1):
+            return tuple(input_shape)
+        kernel_h, kernel_w, pad_h, pad_w = self.geometry
+        batch, height, width, channels = input_shape
+        return (batch, (height + 2 * pad_h - kernel_h) // kernel_h + 1,
+                (width + 2 * pad_w - kernel_w) // kernel_w + 1, channels)
+
+    def get_config(self):
+        return {**super().get_config(), "dim_in_decoder": self.dim_in_decoder}
+
+
+class PredHead(keras.layers.Layer):
+    """Pool (feature maps only) -> flatten -> Dense(num_classes), kernel initialised to 0.
+
+    With ``projection`` (bio): a feedback-alignment Dense to ``target_proj_size``
+    logits, trained by sigmoid BCE against (onehot(y) P > 0).
+    """
+
+    def __init__(self, num_classes, dim_in_decoder, projection=None, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.projection = projection
+        self.pool = DecoderPooling(dim_in_decoder, dtype=self.dtype_policy, name="pool")
+        if projection is None:
+            self.dense = keras.layers.Dense(
+                num_classes, kernel_initializer="zeros", dtype=self.dtype_policy, name="dense"
+            )
+        else:
+            self.dense = FeedbackAlignmentDense(
+                projection.target_proj_size, seed=seed, dtype=self.dtype_policy, name="fa_dense"
+            )
+
+    def build(self, input_shape):
+        self.pool.build(input_shape)
+        pooled = self.pool.compute_output_shape(input_shape)
+        self.dense.build((pooled[0], math.prod(pooled[1:])))
+
+    def call(self, h):
+        pooled = self.pool(h)
+        return self.dense(ops.reshape(pooled, (ops.shape(pooled)[0], -1)))
+
+    def loss_and_scores(self, h, labels_onehot):
+        """(local pred loss, class scores for the local-head error)."""
+        logits = self(h)
+        if self.projection is None:
+            return pred_loss(logits, labels_onehot), logits
+        targets = self.projection.binary_targets(labels_onehot)
+        # Class scores: how well the logits match each class's binary code.
+        codes = 2.0 * ops.cast(self.projection.projection > 0, "float32") - 1.0
+        scores = ops.matmul(ops.cast(logits, "float32"), ops.transpose(codes))
+        return binary_pred_loss(logits, targets), scores
+
+
+class SimHead(keras.layers.Layer):
+    """Conv2D 3x3 'same' without bias (Dense without bias for vectors), then S(.).
+
+    Loss: MSE(S(head(h)), S(onehot(y))). With ``projection`` (bio) there is no
+    conv: S is taken of the average-pooled h, and the target is S(onehot(y) P).
+    """
+
+    def __init__(self, dim_in_decoder, projection=None, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.projection = projection
+        self.dim_in_decoder = dim_in_decoder
+        self.seed = seed
+        self.transform = None
+
+    def build(self, input_shape):
+        if self.projection is not None:
+            self.transform = DecoderPooling(self.dim_in_decoder, dtype=self.dtype_policy, name="pool")
+        elif len(input_shape) == 4:
+            self.transform = keras.layers.Conv2D(
+                input_shape[-1], 3, padding="same", use_bias=False,
+                kernel_initializer=torch_kernel_initializer(self.seed),
+                dtype=self.dtype_policy, name="conv",
+            )
+        else:
+            self.transform = keras.layers.Dense(
+                input_shape[-1], use_bias=False,
+                kernel_initializer=torch_kernel_initializer(self.seed),
+                dtype=self.dtype_policy, name="dense",
+            )
+        self.transform.build(input_shape)
+
+    def call(self, h):
+        return self.transform(h)
+
+    def loss(self, h, labels_onehot):
+        targets = labels_onehot if self.projection is None else self.projection(labels_onehot)
+        return sim_loss(self(h), targets)

@@ -1,0 +1,85 @@
+"""The similarity matrix and the local loss functions (REFERENCE.md section 1).
+
+Only ``keras.ops`` is used, so every function runs on each Keras 3 backend.
+Inputs are channels-last (NHWC) feature maps or (batch, features) matrices.
+"""
+
+from keras import ops
+
+NORM_EPSILON = 1e-8
+
+
+def spatial_std(x):
+    """Per-channel standard deviation over the spatial positions (ddof=1).
+
+    x: (B, H, W, C) -> (B, C). A channel that is constant gets std 0 and a zero
+    gradient (a plain sqrt would give an infinite one).
+    """
+    batch, height, width, channels = _static_shape(x)
+    positions = height * width
+    flat = ops.reshape(x, (-1, positions, channels))
+    centred = flat - ops.mean(flat, axis=1, keepdims=True)
+    variance = ops.sum(ops.square(centred), axis=1) / (positions - 1)
+    positive = variance > 0
+    safe_variance = ops.where(positive, variance, ops.ones_like(variance))
+    return ops.where(positive, ops.sqrt(safe_variance), ops.zeros_like(variance))
+
+
+def similarity_matrix(x):
+    """Adjusted cosine similarity of the examples of a batch, shape (B, B).
+
+    Feature maps with more than 3 channels and spatial size above 1 are reduced to
+    the per-channel spatial std first; everything else is flattened. Rows are
+    centred, divided by (1e-8 + their L2 norm), and S = X Xᵀ is clipped to [-1, 1].
+    """
+    x = ops.cast(x, "float32")
+    if len(x.shape) == 4 and x.shape[-1] > 3 and x.shape[1] > 1:
+        z = spatial_std(x)
+    else:
+        z = ops.reshape(x, (ops.shape(x)[0], -1))
+    z = z - ops.mean(z, axis=1, keepdims=True)
+    norm = ops.sqrt(ops.sum(ops.square(z), axis=1, keepdims=True))
+    z = z / (NORM_EPSILON + norm)
+    return ops.clip(ops.matmul(z, ops.transpose(z)), -1.0, 1.0)
+
+
+def sim_loss(features, targets):
+    """Mean squared error between S(features) and S(targets), over all B*B entries.
+
+    The target similarity carries no gradient.
+    """
+    target_similarity = ops.stop_gradient(similarity_matrix(targets))
+    return ops.mean(ops.square(similarity_matrix(features) - target_similarity))
+
+
+def pred_loss(logits, labels_onehot):
+    """Softmax cross-entropy with one-hot labels, mean over the batch."""
+    log_probs = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
+    return -ops.mean(ops.sum(labels_onehot * log_probs, axis=-1))
+
+
+def binary_pred_loss(logits, binary_targets):
+    """Sigmoid binary cross-entropy with {0, 1} targets, mean over all entries."""
+    logits = ops.cast(logits, "float32")
+    # max(z, 0) - z*t + log(1 + exp(-|z|)): the stable form of BCE with logits.
+    losses = ops.relu(logits) - logits * binary_targets + ops.log1p(ops.exp(-ops.abs(logits)))
+    return ops.mean(losses)
+
+
+def predsim_loss(pred, sim, beta):
+    """(1 - beta) * pred + beta * sim."""
+    return (1.0 - beta) * pred + beta * sim
+
+
+def error_percent(logits, labels):
+    """Percentage of examples whose argmax differs from the integer label."""
+    predicted = ops.argmax(logits, axis=-1)
+    wrong = ops.not_equal(ops.cast(predicted, "int32"), ops.cast(labels, "int32"))
+    return 100.0 * ops.mean(ops.cast(wrong, "float32"))
+
+
+def _static_shape(x):
+    shape = tuple(x.shape)
+    if any(dim is None for dim in shape[1:]):
+        raise ValueError(f"similarity_matrix needs static spatial sizes, got shape {shape}")
+    return shape

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+import keras_local as kl
+from keras_local.heads import DecoderPooling, decoder_pool_geometry
+
+
+def backbone_params(model):
+    return sum(int(np.prod(v.shape)) for v in model.inference_model().trainable_weights)
+
+
+# REFERENCE.md section 2: backbone parameter counts.
+@pytest.mark.parametrize("name,shape,feat_mult,num_layers,expected", [
+    ("mlp", (28, 28, 1), 1, 3, 2.9e6),
+    ("vgg8b", (28, 28, 1), 1, 1, 7.3e6),
+    ("vgg8b", (32, 32, 3), 1, 1, 8.9e6),
+    ("vgg11b", (32, 32, 3), 1, 1, 11.6e6),
+    ("vgg11b", (32, 32, 3), 3, 1, 91.3e6),
+    ("vgg8b", (96, 96, 3), 1, 1, 11.5e6),
+])
+def test_backbone_parameter_counts_match_paper(name, shape, feat_mult, num_layers, expected):
+    config = kl.Config(feat_mult=feat_mult, num_layers=num_layers)
+    model = kl.build_model(name, shape, 10, config)
+    assert backbone_params(model) == pytest.approx(expected, rel=0.01)
+
+
+def test_every_reference_architecture_builds():
+    assert set(kl.ARCHITECTURES) == {"mlp", "vgg6a", "vgg6b", "vgg8", "vgg8a", "vgg8b", "vgg11",
+                                     "vgg11b", "vgg13", "vgg16", "vgg19"}
+    for name in kl.VGG_CHANNELS:
+        model = kl.build_model(name, (32, 32, 3), 10, kl.Config(feat_mult=0.125, num_hidden=32))
+        assert model(np.zeros((2, 32, 32, 3), "float32")).shape == (2, 10)
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown model 'resnet9'.*vgg11b"):
+        kl.build_model("resnet9", (32, 32, 3), 10)
+
+
+def test_large_inputs_get_7x7_stride_2_stem():
+    model = kl.build_model("vgg8b", (96, 96, 3), 10, kl.Config(feat_mult=0.125, num_hidden=16))
+    stem = model.local_blocks[0]
+    assert stem.encoder.kernel_size == (7, 7) and stem.encoder.strides == (2, 2)
+    assert stem.compute_output_shape((None, 96, 96, 3)) == (None, 48, 48, 16)
+    small = kl.build_model("vgg8b", (32, 32, 3), 10, kl.Config(feat_mult=0.125, num_hidden=16))
+    assert small.local_blocks[0].encoder.kernel_size == (3, 3)
+
+
+def test_no_batch_norm_removes_bn():
+    model = kl.build_model("mlp", (8,), 3, kl.Config(batch_norm=False, num_hidden=4, num_layers=2))
+    assert all(block.bn is None for block in model.local_blocks)
+    assert not any("bn" in v.path for v in model.weights)
+
+
+@pytest.mark.parametrize("channels,size,bound,expected", [
+    (128, 28, 4096, (8, 4, 4, 0)),   # 128*4*7 = 3584
+    (128, 32, 2048, (8, 8, 0, 0)),   # 128*4*4 = 2048
+    (512, 3, 4096, (2, 1, 1, 0)),    # 512*2*3 = 3072: width untouched
+    (256, 7, 1024, (4, 4, 2, 2)),    # 256*2*2 = 1024, pad (4*(2-1))//2 = 2
+    (16, 4, 4096, (1, 1, 0, 0)),
+])
+def test_decoder_pool_geometry(channels, size, bound, expected):
+    assert decoder_pool_geometry(channels, size, bound) == expected
+
+
+def test_decoder_pooling_counts_padding_like_pytorch():
+    x = np.arange(2 * 7 * 7 * 1, dtype="float32").reshape(2, 7, 7, 1)
+    pool = DecoderPooling(dim_in_decoder=4)  # 1 channel, 7x7 -> kernel (4, 4), pad 2
+    pool.build(x.shape)
+    assert pool.geometry == (4, 4, 2, 2)
+    got = np.asarray(pool(x))
+    padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    expected = padded[:, :8, :8, :].reshape(2, 2, 4, 2, 4, 1).mean(axis=(2, 4))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
