@@ -10,6 +10,9 @@ LOSS_SUP_CHOICES = ("pred", "sim", "predsim")
 NONLIN_CHOICES = ("relu", "leakyrelu")
 OPTIM_CHOICES = ("adam", "amsgrad", "sgd")
 PRECISION_CHOICES = ("float32", "mixed_float16", "mixed_bfloat16")
+STRATEGY_CHOICES = ("auto", "one", "mirrored", "multiworker")
+PLACEMENT_CHOICES = ("none", "layerwise")
+BACKEND_CHOICES = ("tensorflow", "jax", "torch")
 
 
 @dataclasses.dataclass
@@ -59,6 +62,11 @@ class Config:
     precision: str = "float32"
     save_dir: str = "runs"
     resume: Optional[str] = None
+    backend: str = "tensorflow"
+    # scale-out
+    strategy: str = "auto"
+    placement: str = "none"
+    pipeline: bool = False
 
     def __post_init__(self):
         self.lr_decay_milestones = tuple(int(m) for m in self.lr_decay_milestones)
@@ -66,6 +74,11 @@ class Config:
         _check_choice("nonlin", self.nonlin, NONLIN_CHOICES)
         _check_choice("optim", self.optim, OPTIM_CHOICES)
         _check_choice("precision", self.precision, PRECISION_CHOICES)
+        _check_choice("strategy", self.strategy, STRATEGY_CHOICES)
+        _check_choice("placement", self.placement, PLACEMENT_CHOICES)
+        _check_choice("backend", self.backend, BACKEND_CHOICES)
+        if self.pipeline and self.placement != "layerwise":
+            raise ValueError("pipeline needs placement='layerwise'")
         if self.backprop and self.no_detach:
             raise ValueError("backprop and no_detach are exclusive: choose one")
         if self.bio and self.backprop:

@@ -107,14 +107,23 @@ class LocalModel(keras.Model):
         inputs, labels = data[0], data[1]
         labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
         labels_onehot = ops.one_hot(labels, self.num_classes)
-        if keras.backend.backend() != "tensorflow":
-            raise NotImplementedError(
-                f"LocalModel trains on the tensorflow backend; got {keras.backend.backend()!r}")
-        from keras_local import tf_step
-
-        logits = tf_step.train_step(self, inputs, labels_onehot)
+        logits = self._backend_step_module().train_step(self, inputs, labels_onehot)
         self._update_output_metrics(logits, labels_onehot, labels)
         return {m.name: m.result() for m in self.metrics}
+
+    def _backend_step_module(self):
+        """The module whose ``train_step(model, inputs, labels_onehot)`` updates the model."""
+        backend = keras.backend.backend()
+        if backend != "tensorflow":
+            raise NotImplementedError(
+                f"LocalModel trains on the tensorflow backend; got {backend!r}")
+        if self.config.pipeline:
+            from keras_local import pipeline
+
+            return pipeline
+        from keras_local import tf_step
+
+        return tf_step
 
     def test_step(self, data):
         inputs, labels = data[0], data[1]
