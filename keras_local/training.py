@@ -1,0 +1,158 @@
+"""run(config): data, model, callbacks, fit, final evaluation and export of one run.
+
+A run directory (``<save_dir>/<dataset>_<model>_<mode>_<time>``) holds:
+  config.json            every option of the run
+  logs/                  TensorBoard: train/validation loss and error, learning rate,
+                         per-block pred loss, sim loss and local-head error
+  history.csv            the same per-epoch numbers as CSV
+  checkpoints/last.keras the whole model after the last completed epoch
+  backup/                Keras BackupAndRestore state (removed when the run completes)
+  model.keras            the final model;  results.json: final test loss / error
+  export/                SavedModel + ONNX + metadata of the inference network
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+import keras
+
+from keras_local.architectures import ARCHITECTURES
+from keras_local.callbacks import (
+    AtomicCheckpoint,
+    CompactProgbar,
+    NaNGuard,
+    milestone_scheduler,
+    save_model_atomically,
+)
+from keras_local.config import Config
+from keras_local.data import load_arrays, make_datasets
+from keras_local.datasets import get_dataset_info
+from keras_local.model import build_model
+
+
+class NotARunError(ValueError):
+    """--resume was given a directory that is not a keras-local run."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    run_dir: str
+    test_loss: float
+    test_error: float
+    epochs_completed: int
+    export_dir: str = None
+
+
+def resolve_resume(config):
+    """The Config stored in ``config.resume`` (a run directory), pointing back at it."""
+    run_dir = config.resume
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isdir(run_dir):
+        raise NotARunError(f"--resume {run_dir}: no such directory")
+    if not os.path.isfile(path):
+        raise NotARunError(f"--resume {run_dir}: not a run directory (no config.json)")
+    try:
+        with open(path) as stream:
+            stored = Config.from_dict(json.load(stream))
+    except (ValueError, TypeError) as error:
+        raise NotARunError(f"--resume {run_dir}: unreadable config.json ({error})") from None
+    if os.path.isfile(os.path.join(run_dir, "results.json")):
+        raise NotARunError(f"--resume {run_dir}: this run already finished")
+    return stored.replace(resume=run_dir)
+
+
+def new_run_dir(config):
+    mode = config.training_mode + ("-bio" if config.bio else "")
+    stem = f"{config.dataset}_{config.model}_{mode}_{time.strftime('%Y%m%d-%H%M%S')}"
+    path = os.path.join(config.save_dir, stem)
+    suffix = 1
+    while os.path.exists(path):
+        suffix += 1
+        path = os.path.join(config.save_dir, f"{stem}-{suffix}")
+    return path
+
+
+def write_json_atomically(path, payload):
+    temporary = path + ".tmp"
+    with open(temporary, "w") as stream:
+        json.dump(payload, stream, indent=2, sort_keys=True)
+    os.replace(temporary, path)
+
+
+@dataclasses.dataclass
+class PreparedRun:
+    """A validated run: data loaded and model built, nothing written yet."""
+    config: Config
+    train: tuple
+    test: tuple
+    model: keras.Model
+
+
+def prepare(config):
+    """Validate ``config``, load the data and build the model. Writes nothing, so bad
+    input (unknown names, missing or corrupt files, a bad --resume) fails cleanly."""
+    if config.resume:
+        config = resolve_resume(config)
+    if config.model not in ARCHITECTURES:
+        raise ValueError(f"unknown model {config.model!r}; choose one of {', '.join(ARCHITECTURES)}")
+    info = get_dataset_info(config.dataset)
+    keras.utils.set_random_seed(config.seed)
+    train, test = load_arrays(config)
+    model = build_model(config.model, info.input_shape, info.num_classes, config)
+    model.compile()
+    return PreparedRun(config=config, train=train, test=test, model=model)
+
+
+def run(config, verbose=1, export=True):
+    """Train ``config`` end to end; returns a RunResult. See the module docstring."""
+    return train_prepared(prepare(config), verbose=verbose, export=export)
+
+
+def train_prepared(prepared, verbose=1, export=True):
+    config, model, train, test = prepared.config, prepared.model, prepared.train, prepared.test
+    run_dir = config.resume or new_run_dir(config)
+    os.makedirs(run_dir, exist_ok=True)
+    if not config.resume:
+        write_json_atomically(os.path.join(run_dir, "config.json"), config.to_dict())
+    if verbose:
+        print(f"run directory: {run_dir}")
+        print(f"{config.model} on {config.dataset}: {len(train[0])} training and "
+              f"{len(test[0])} test images, mode {config.training_mode}"
+              f"{' (bio)' if config.bio else ''}, "
+              f"{model.inference_model().count_params():,} backbone parameters")
+
+    train_ds, test_ds = make_datasets(config, train, test)
+    callbacks = [
+        NaNGuard(),
+        milestone_scheduler(config),
+        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
+        AtomicCheckpoint(os.path.join(run_dir, "checkpoints", "last.keras")),
+        keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"),
+                                  append=bool(config.resume)),
+        keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), write_graph=False),
+    ]
+    if verbose:
+        callbacks.append(CompactProgbar())
+    model.fit(train_ds, epochs=config.epochs, validation_data=test_ds, shuffle=False,
+                        callbacks=callbacks, verbose=verbose)
+
+    scores = model.evaluate(test_ds, verbose=0, return_dict=True)
+    save_model_atomically(model, os.path.join(run_dir, "model.keras"))
+    result = RunResult(run_dir=run_dir, test_loss=float(scores["loss"]),
+                       test_error=float(scores["error"]), epochs_completed=config.epochs)
+    if export:
+        result.export_dir = os.path.join(run_dir, "export")
+    # results.json marks the training as finished; the export can be redone with
+    # `python -m export RUN_DIR` if it fails.
+    write_json_atomically(os.path.join(run_dir, "results.json"), dataclasses.asdict(result))
+    if export:
+        from keras_local.exporting import export_model
+
+        export_model(model, result.export_dir, check_images=test[0][:256],
+                     test_error=result.test_error, run_config=config.to_dict())
+    if verbose:
+        print(f"test error {result.test_error:.2f}%, test loss {result.test_loss:.4f}; "
+              f"results in {run_dir}")
+    return result

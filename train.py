@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Train a network with local error signals: a thin CLI over keras_local.training.run.
+
+Example:  python train.py --dataset cifar10 --model vgg11b
+"""
+
+import argparse
+import os
+import sys
+
+DATASETS = ("mnist", "fashion_mnist", "fashion_mnist_demo", "kmnist", "cifar10", "cifar100",
+            "svhn", "stl10")
+MODELS = ("mlp", "vgg6a", "vgg6b", "vgg8", "vgg8a", "vgg8b", "vgg11", "vgg11b", "vgg13",
+          "vgg16", "vgg19")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports bad input in one line (no usage dump), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(argv):
+    p = OneLineParser(
+        prog="train.py",
+        description="Train deep networks with local error signals (Nøkland & Eidnes 2019): "
+                    "every hidden layer learns from its own pred/sim loss, no global backprop.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default="cifar10", choices=DATASETS, metavar="NAME",
+                      help=f"one of {', '.join(DATASETS)}")
+    data.add_argument("--data-dir", default=None,
+                      help="offline distribution files (MNIST-family IDX .gz, CIFAR python "
+                           "batches) or a tensorflow-datasets data dir")
+    data.add_argument("--max-train-examples", type=int, default=None,
+                      help="use only the first N training images (quick runs)")
+    data.add_argument("--cutout", action="store_true", help="cutout augmentation")
+    data.add_argument("--length", type=int, default=16, help="cutout square side")
+    data.add_argument("--classes-per-batch", type=int, default=0,
+                      help="batches with only N distinct classes (0 = ordinary shuffling)")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="vgg8b", choices=MODELS, metavar="NAME",
+                       help=f"one of {', '.join(MODELS)}")
+    model.add_argument("--num-layers", type=int, default=1,
+                       help="fully connected local blocks (after the convs for vgg*)")
+    model.add_argument("--num-hidden", type=int, default=1024, help="units per FC block")
+    model.add_argument("--feat-mult", type=float, default=1.0, help="VGG channel multiplier")
+    model.add_argument("--no-batch-norm", action="store_true", help="no BatchNorm")
+    model.add_argument("--nonlin", default="relu", choices=("relu", "leakyrelu"))
+    model.add_argument("--dropout", type=float, default=0.0,
+                       help="dropout after each block (spatial for conv blocks)")
+    model.add_argument("--dim-in-decoder", type=int, default=4096,
+                       help="max input size of the pred head after average pooling")
+    local = p.add_argument_group("local learning")
+    local.add_argument("--loss-sup", default="predsim", choices=("pred", "sim", "predsim"))
+    local.add_argument("--beta", type=float, default=0.99, help="predsim weight of sim")
+    local.add_argument("--backprop", action="store_true",
+                       help="baseline: global backprop, no local heads")
+    local.add_argument("--no-detach", action="store_true",
+                       help="local losses, but gradients also cross blocks")
+    local.add_argument("--bio", action="store_true",
+                       help="back-prop free: feedback alignment, no sim conv, random label "
+                            "projection")
+    local.add_argument("--target-proj-size", type=int, default=128,
+                       help="size of the random label projection (--bio)")
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--batch-size", type=int, default=128)
+    optim.add_argument("--epochs", type=int, default=400)
+    optim.add_argument("--lr", type=float, default=5e-4)
+    optim.add_argument("--lr-decay-milestones", type=int, nargs="+",
+                       default=[200, 300, 350, 375], help="epochs at which lr is decayed")
+    optim.add_argument("--lr-decay-fact", type=float, default=0.25)
+    optim.add_argument("--optim", default="adam", choices=("adam", "amsgrad", "sgd"))
+    optim.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    optim.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
+    run = p.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=1)
+    run.add_argument("--save-dir", default="runs", help="parent of the run directories")
+    run.add_argument("--resume", default=None, metavar="RUN_DIR",
+                     help="continue a run from its last completed epoch")
+    run.add_argument("--backend", default="tensorflow", choices=("tensorflow", "jax", "torch"),
+                     help="Keras backend")
+    run.add_argument("--no-jit", action="store_true", help="do not compile with XLA")
+    run.add_argument("--precision", default="float32",
+                     choices=("float32", "mixed_float16", "mixed_bfloat16"))
+    run.add_argument("--strategy", default="auto",
+                     choices=("auto", "one", "mirrored", "multiworker"),
+                     help="tf.distribute strategy (auto: mirrored on >1 GPU, multiworker "
+                          "when TF_CONFIG names several workers)")
+    run.add_argument("--placement", default="none", choices=("none", "layerwise"),
+                     help="layerwise: block i on device i mod N")
+    run.add_argument("--pipeline", action="store_true",
+                     help="decoupled pipelined training (needs --placement layerwise)")
+    run.add_argument("--no-export", action="store_true",
+                     help="skip the SavedModel/ONNX export at the end")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def config_values(args):
+    values = {key: value for key, value in vars(args).items()
+              if key not in ("no_batch_norm", "no_jit", "no_export", "quiet")}
+    values["batch_norm"] = not args.no_batch_norm
+    values["jit_compile"] = not args.no_jit
+    values["lr_decay_milestones"] = tuple(args.lr_decay_milestones)
+    return values
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ["KERAS_BACKEND"] = args.backend  # before Keras is imported
+    from keras_local.callbacks import NonFiniteLossError
+    from keras_local.cli_errors import USER_ERRORS
+    from keras_local.config import Config
+    from keras_local.training import prepare, train_prepared
+
+    try:
+        prepared = prepare(Config(**config_values(args)))
+    except USER_ERRORS as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        train_prepared(prepared, verbose=0 if args.quiet else 1, export=not args.no_export)
+    except NonFiniteLossError as error:
+        print(f"train.py: error: {error}; stopped, the last good epoch is kept "
+              f"(checkpoints/last.keras, resumable with --resume)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("train.py: interrupted; continue with --resume RUN_DIR", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
