@@ -110,6 +110,7 @@ class _CifarUnpickler(pickle.Unpickler):
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
     }
 
@@ -213,25 +214,29 @@ def _check_arrays(info, split, which):
 
 # ------------------------------------------------------------------ sampling
 def class_limited_order(labels, classes_per_batch, batch_size, rng):
-    """An epoch's example order in which every batch holds at most
-    ``classes_per_batch`` distinct classes (the reference's NClassRandomSampler).
+    """An epoch's example order in which every consecutive ``batch_size`` examples hold
+    at most ``classes_per_batch`` distinct classes (the reference's NClassRandomSampler).
 
-    Each batch draws its classes at random among those with examples left, then
-    takes an equal share of the batch from each class's shuffled queue.
+    Each batch draws its classes at random among those with examples left and takes
+    them round-robin from each class's shuffled queue. When the chosen classes run out
+    before the batch is full, it is topped up with random repeats of those classes, so
+    that every batch is full and batch boundaries stay aligned.
     """
-    queues = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)}
+    by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
+    queues = {c: list(rng.permutation(members)) for c, members in by_class.items()}
     order = []
     while queues:
-        classes = list(queues)
-        chosen = rng.choice(classes, size=min(classes_per_batch, len(classes)), replace=False)
-        share = max(1, batch_size // len(chosen))
+        chosen = rng.choice(list(queues), size=min(classes_per_batch, len(queues)),
+                            replace=False)
         batch = []
-        for c in chosen:
-            batch.extend(queues[c][:share])
-            del queues[c][:share]
-            if not queues[c]:
-                del queues[c]
+        while len(batch) < batch_size and any(queues.get(c) for c in chosen):
+            for c in chosen:
+                if queues.get(c) and len(batch) < batch_size:
+                    batch.append(queues[c].pop())
+        pool = np.concatenate([by_class[c] for c in chosen])
+        batch.extend(rng.choice(pool, size=batch_size - len(batch)))
         order.extend(batch)
+        queues = {c: queue for c, queue in queues.items() if queue}
     return np.asarray(order, dtype=np.int64)
 
 

@@ -1,5 +1,7 @@
 """LocalModel: a stack of local blocks trained inside Keras's own fit()."""
 
+import contextlib
+
 import keras
 from keras import ops
 
@@ -32,6 +34,7 @@ class LocalModel(keras.Model):
             config = Config()
         elif isinstance(config, dict):
             config = Config.from_dict(config)
+        _refuse_tensorflow_only_options(config, keras.backend.backend())
         self.config = config
         self.architecture = architecture
         self.example_shape = tuple(input_shape)
@@ -45,18 +48,36 @@ class LocalModel(keras.Model):
             dtype=config.precision, name="output")
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.error_tracker = keras.metrics.Mean(name="error")
-        self.build((None,) + self.example_shape)
+        with _replica_state_scope():  # BatchNorm moving statistics: mean over replicas
+            self.build((None,) + self.example_shape)
+        self.pipeline_buffers = None
+        if config.pipeline:
+            from keras_local.pipeline import PipelineBuffers
+
+            self.pipeline_buffers = PipelineBuffers(self)
 
     # ----------------------------------------------------------------- structure
     def build(self, input_shape):
         shape = tuple(input_shape)
-        for layer in self.feature_layers:
+        layer_devices, output_device = self.layer_devices()
+        for layer, device in zip(self.feature_layers, layer_devices):
             if not layer.built:
-                layer.build(shape)
+                with _on_device(device):
+                    layer.build(shape)
             shape = tuple(layer.compute_output_shape(shape))
         if not self.output_layer.built:
-            self.output_layer.build(shape)
+            with _on_device(output_device):
+                self.output_layer.build(shape)
         self.built = True
+
+    def layer_devices(self):
+        """(device of each feature layer, device of the output layer) under layer-wise
+        placement (``keras_local.distribute.layerwise_devices``); all None without."""
+        if self.config.placement != "layerwise":
+            return [None] * len(self.feature_layers), None
+        from keras_local.distribute import layerwise_devices
+
+        return layerwise_devices(self.feature_layers)
 
     @property
     def local_blocks(self):
@@ -73,9 +94,12 @@ class LocalModel(keras.Model):
 
     def call(self, inputs, training=False):
         h = inputs
-        for layer in self.feature_layers:
-            h = layer(h, training=training)
-        return self.output_layer(h)
+        layer_devices, output_device = self.layer_devices()
+        for layer, device in zip(self.feature_layers, layer_devices):
+            with _on_device(device):
+                h = layer(h, training=training)
+        with _on_device(output_device):
+            return self.output_layer(h)
 
     def inference_model(self):
         """A plain functional Keras model sharing this model's backbone layers.
@@ -99,24 +123,63 @@ class LocalModel(keras.Model):
         if optimizer is None:
             optimizer = make_optimizer(self.config)
         if jit_compile is None:
-            jit_compile = self.config.jit_compile
+            # config.jit_compile means XLA (TensorFlow, JAX); torch.compile is opt-in.
+            jit_compile = self.config.jit_compile and keras.backend.backend() != "torch"
+            if jit_compile and keras.backend.backend() == "tensorflow":
+                from keras_local.distribute import xla_allowed
+
+                jit_compile = xla_allowed(self.config)  # not under a strategy or placement
         super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """TensorFlow trainer hook. Under a strategy Keras 3.15 first all-reduces a data
+        batch here, which fails under MultiWorkerMirroredStrategy (keras-team/keras#20585).
+        A LocalModel is built when constructed: without extra compile metrics or loss only
+        the optimiser is left to build, and that needs no data."""
+        if (self._distribute_strategy is not None and self._compile_metrics is None
+                and self._compile_loss is None):
+            with self.distribute_strategy.scope():
+                self._symbolic_build(data_batch=None)
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def compile_from_config(self, config):
+        """Restores the compile state (optimiser included) when a saved model is loaded."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        self.optimizer.build(self.trainable_variables)
+
     # ------------------------------------------------------------------ training
-    def train_step(self, data):
+    def train_step(self, *args):
+        """``train_step(data)`` on TensorFlow and torch; on JAX Keras calls the
+        stateless ``train_step(state, data)`` and expects ``(logs, state)``."""
+        step = self._backend_step_module()
+        if keras.backend.backend() == "jax":
+            return step.train_step(self, *args)
+        (data,) = args
         inputs, labels = data[0], data[1]
         labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
         labels_onehot = ops.one_hot(labels, self.num_classes)
-        logits = self._backend_step_module().train_step(self, inputs, labels_onehot)
-        self._update_output_metrics(logits, labels_onehot, labels)
-        return {m.name: m.result() for m in self.metrics}
+        logits = step.train_step(self, inputs, labels_onehot)
+        if logits is not None:  # None: the step updated them (pipeline: delayed labels)
+            self._update_output_metrics(logits, labels_onehot, labels)
+        return _reducible_logs({m.name: m.result() for m in self.metrics})
 
     def _backend_step_module(self):
-        """The module whose ``train_step(model, inputs, labels_onehot)`` updates the model."""
+        """The module whose ``train_step`` updates the model on the current backend:
+        ``train_step(model, inputs, labels_onehot)`` (TensorFlow, torch) or
+        ``train_step(model, state, data)`` (JAX, stateless)."""
         backend = keras.backend.backend()
+        if backend == "jax":
+            from keras_local import jax_step
+
+            return jax_step
+        if backend == "torch":
+            from keras_local import torch_step
+
+            return torch_step
         if backend != "tensorflow":
-            raise NotImplementedError(
-                f"LocalModel trains on the tensorflow backend; got {backend!r}")
+            raise ValueError(
+                f"LocalModel trains on the tensorflow, jax and torch backends; got {backend!r}")
         if self.config.pipeline:
             from keras_local import pipeline
 
@@ -125,12 +188,19 @@ class LocalModel(keras.Model):
 
         return tf_step
 
-    def test_step(self, data):
+    def test_step(self, *args):
+        """``test_step(data)``; on JAX the stateless ``test_step(state, data)``."""
+        if keras.backend.backend() == "jax":
+            from keras_local import jax_step
+
+            return jax_step.test_step(self, *args)
+        (data,) = args
         inputs, labels = data[0], data[1]
         labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
         logits = self(inputs, training=False)
         self._update_output_metrics(logits, ops.one_hot(labels, self.num_classes), labels)
-        return {"loss": self.loss_tracker.result(), "error": self.error_tracker.result()}
+        return _reducible_logs({"loss": self.loss_tracker.result(),
+                                "error": self.error_tracker.result()})
 
     def _update_output_metrics(self, logits, labels_onehot, labels):
         batch = ops.cast(ops.shape(labels)[0], "float32")
@@ -157,6 +227,56 @@ class LocalModel(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def _refuse_tensorflow_only_options(config, backend):
+    """ValueError for options that only the TensorFlow backend implements (tf.device,
+    tf.distribute), naming that backend; everything else trains on every backend."""
+    if backend == "tensorflow":
+        return
+    options = []
+    if config.pipeline:
+        options.append("the pipelined mode (pipeline=True)")
+    if config.placement != "none":
+        options.append(f"placement={config.placement!r}")
+    if config.strategy in ("mirrored", "multiworker"):
+        options.append(f"strategy={config.strategy!r}")
+    if options:
+        raise ValueError(
+            f"{' and '.join(options)}: supported on the tensorflow backend only, but Keras "
+            f"is running on {backend!r}; set KERAS_BACKEND=tensorflow (train.py --backend "
+            f"tensorflow) or leave these options at their defaults")
+
+
+def _reducible_logs(logs):
+    """A step's logs; shape (1,) under MultiWorkerMirroredStrategy, where Keras 3.15
+    reduces them with ``reduce(MEAN, axis=0)``, which fails on scalars
+    (keras-team/keras#20585) and gives the mean over replicas of shape-(1,) values."""
+    if keras.backend.backend() != "tensorflow":
+        return logs
+    from keras_local.distribute import is_multi_worker, tf
+
+    if not is_multi_worker(tf.distribute.get_strategy()):
+        return logs
+    return {name: ops.reshape(value, (1,)) for name, value in logs.items()}
+
+
+def _replica_state_scope():
+    """``keras_local.distribute.mean_aggregated_state`` on TensorFlow; else no scope."""
+    if keras.backend.backend() != "tensorflow":
+        return contextlib.nullcontext()
+    from keras_local.distribute import mean_aggregated_state
+
+    return mean_aggregated_state()
+
+
+def _on_device(device):
+    """``tf.device(device)`` under layer-wise placement; no scope when device is None."""
+    if device is None:
+        return contextlib.nullcontext()
+    from keras_local.distribute import device_scope
+
+    return device_scope(device)
 
 
 def build_model(name, input_shape, num_classes, config=None):

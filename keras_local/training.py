@@ -124,14 +124,16 @@ def train_prepared(prepared, verbose=1, export=True):
               f"{model.inference_model().count_params():,} backbone parameters")
 
     train_ds, test_ds = make_datasets(config, train, test)
+    # BackupAndRestore last: when its epoch-end state exists, the checkpoint, CSV row and
+    # TensorBoard scalars of that epoch exist too.
     callbacks = [
         NaNGuard(),
         milestone_scheduler(config),
-        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
         AtomicCheckpoint(os.path.join(run_dir, "checkpoints", "last.keras")),
         keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"),
                                   append=bool(config.resume)),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), write_graph=False),
+        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
     ]
     if verbose:
         callbacks.append(CompactProgbar())

@@ -1,0 +1,110 @@
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+
+import keras_local as kl
+from keras_local import data
+from keras_local.idx import DataFileError, read_idx, write_idx
+
+
+def test_demo_dataset_is_first_10000_fashion_mnist_training_images(fashion_mnist_dir):
+    (x_train, y_train), (x_test, y_test) = data.load_arrays(kl.Config(dataset="fashion_mnist_demo"))
+    assert x_train.shape == (8000, 28, 28, 1) and x_test.shape == (2000, 28, 28, 1)
+    official = read_idx(f"{fashion_mnist_dir}/train-images-idx3-ubyte.gz", limit=10000)
+    labels = read_idx(f"{fashion_mnist_dir}/train-labels-idx1-ubyte.gz", limit=10000)
+    np.testing.assert_array_equal(np.concatenate([x_train, x_test])[..., 0], official)
+    np.testing.assert_array_equal(np.concatenate([y_train, y_test]), labels)
+
+
+def test_offline_idx_reader_and_max_train_examples(fashion_mnist_dir):
+    config = kl.Config(dataset="fashion_mnist", data_dir=fashion_mnist_dir, max_train_examples=500)
+    (x_train, y_train), (x_test, y_test) = data.load_arrays(config)
+    assert x_train.shape == (500, 28, 28, 1) and x_train.dtype == np.uint8
+    assert x_test.shape == (10000, 28, 28, 1) and y_test.dtype == np.int32
+
+
+def test_idx_round_trip_and_truncation(tmp_path):
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = str(tmp_path / "a-idx3-ubyte.gz")
+    write_idx(path, array)
+    np.testing.assert_array_equal(read_idx(path), array)
+    raw = gzip.decompress(open(path, "rb").read())
+    with gzip.open(path, "wb") as stream:
+        stream.write(raw[:-5])
+    with pytest.raises(DataFileError, match="truncated"):
+        read_idx(path)
+    with open(path, "wb") as stream:
+        stream.write(b"not gzip at all")
+    with pytest.raises(DataFileError, match="cannot read"):
+        read_idx(path)
+
+
+def write_cifar_batch(path, images, labels):
+    payload = {b"data": images.transpose(0, 3, 1, 2).reshape(len(images), -1),
+               b"labels": list(labels)}
+    with open(path, "wb") as stream:
+        pickle.dump(payload, stream)
+
+
+def test_cifar10_pickles_are_read(tmp_path, rng):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batches = []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        images = rng.integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=4)
+        write_cifar_batch(folder / name, images, labels)
+        batches.append((images, labels))
+    (x_train, y_train), (x_test, y_test) = data.load_arrays(
+        kl.Config(dataset="cifar10", data_dir=str(tmp_path)))
+    np.testing.assert_array_equal(x_train[:4], batches[0][0])
+    np.testing.assert_array_equal(y_test, batches[-1][1])
+    assert x_train.shape == (20, 32, 32, 3)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_hostile_cifar_pickle_is_refused(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as stream:
+            pickle.dump({b"data": Exploit(), b"labels": [0]}, stream)
+    with pytest.raises(DataFileError, match="not a CIFAR batch file.*forbidden global"):
+        data.load_arrays(kl.Config(dataset="cifar10", data_dir=str(tmp_path)))
+
+
+def test_class_limited_order_respects_classes_per_batch(rng):
+    labels = rng.integers(0, 10, size=1000)
+    order = data.class_limited_order(labels, classes_per_batch=2, batch_size=32, rng=rng)
+    assert set(order) == set(range(1000))  # every example at least once per epoch
+    assert len(order) % 32 == 0
+    for start in range(0, len(order), 32):
+        assert len(set(labels[order[start:start + 32]])) <= 2
+
+
+def test_pipeline_normalises_augments_and_is_deterministic():
+    config = kl.Config(dataset="fashion_mnist_demo", batch_size=64, cutout=True, length=8)
+    train, test = data.load_arrays(config)
+    first = next(iter(data.make_datasets(config, train, test)[0]))
+    again = next(iter(data.make_datasets(config, train, test)[0]))
+    np.testing.assert_array_equal(first[0].numpy(), again[0].numpy())
+    x_test, y_test = next(iter(data.make_datasets(config, train, test)[1]))
+    expected = (test[0][: len(x_test)] / 255.0 - 0.286) / 0.353
+    np.testing.assert_allclose(x_test.numpy(), expected, atol=1e-5)
+    # cutout zeroes a square after normalisation: exact zeros appear in training images
+    assert (first[0].numpy() == 0.0).sum() >= 64 * 16
+
+
+def test_cutout_square_is_clipped_at_borders():
+    import tensorflow as tf
+
+    image = tf.ones((8, 8, 1))
+    holes = [int((data.cutout(image, 4, tf.constant([s, 0], tf.int64)).numpy() == 0).sum())
+             for s in range(20)]
+    assert max(holes) == 16 and min(holes) >= 4

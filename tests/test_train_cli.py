@@ -1,0 +1,179 @@
+import csv
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import keras
+
+import keras_local as kl
+from keras_local.callbacks import AtomicCheckpoint, NaNGuard, NonFiniteLossError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def train_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def only_run_dir(save_dir):
+    runs = glob.glob(os.path.join(save_dir, "*"))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def tensorboard_scalars(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = {}
+    for sub in ("train", "validation"):
+        accumulator = EventAccumulator(os.path.join(log_dir, sub), size_guidance={"tensors": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["tensors"]:
+            events = accumulator.Tensors(tag)
+            tags[f"{sub}/{tag}"] = [float(keras.ops.convert_to_numpy(
+                __import__("tensorflow").make_ndarray(e.tensor_proto))) for e in events]
+    return tags
+
+
+def test_cli_trains_fashion_mnist_end_to_end(tmp_path, fashion_mnist_dir):
+    save_dir = str(tmp_path / "runs")
+    result = train_cli("--dataset", "fashion_mnist", "--data-dir", fashion_mnist_dir,
+                       "--model", "mlp", "--num-layers", "3", "--epochs", "1",
+                       "--max-train-examples", "10000", "--save-dir", save_dir, "--quiet",
+                       "--no-export")
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = only_run_dir(save_dir)
+    config = json.load(open(os.path.join(run_dir, "config.json")))
+    assert config["num_layers"] == 3 and config["dataset"] == "fashion_mnist"
+    scalars = tensorboard_scalars(os.path.join(run_dir, "logs"))
+    for block in (1, 2, 3):
+        for metric in ("pred_loss", "sim_loss", "error"):
+            assert len(scalars[f"train/epoch_block_{block}_{metric}"]) == 1
+    assert scalars["validation/epoch_error"][0] < 30.0
+    assert scalars["train/epoch_learning_rate"] == [pytest.approx(5e-4)]
+    rows = list(csv.DictReader(open(os.path.join(run_dir, "history.csv"))))
+    assert len(rows) == 1 and "block_3_sim_loss" in rows[0]
+    results = json.load(open(os.path.join(run_dir, "results.json")))
+    assert results["test_error"] == pytest.approx(float(rows[0]["val_error"]), abs=1e-3)
+    assert os.path.isfile(os.path.join(run_dir, "checkpoints", "last.keras"))
+    model = keras.models.load_model(os.path.join(run_dir, "model.keras"))
+    assert isinstance(model, kl.LocalModel) and len(model.local_blocks) == 3
+
+
+def test_killed_run_resumes_with_identical_optimizer_iterations(tmp_path):
+    save_dir = str(tmp_path / "runs")
+    args = ["--dataset", "fashion_mnist_demo", "--model", "mlp", "--num-hidden", "64",
+            "--epochs", "4", "--max-train-examples", "4096", "--batch-size", "128",
+            "--save-dir", save_dir, "--quiet", "--no-export", "--no-jit"]
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args,
+                                "--lr-decay-milestones", "2", "3"], env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    metadata = None
+    while time.time() < deadline and process.poll() is None:
+        found = glob.glob(os.path.join(save_dir, "*", "backup", "training_metadata.json"))
+        if found:
+            metadata = found[0]
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert metadata is not None, "no epoch completed before the deadline"
+    run_dir = only_run_dir(save_dir)
+    assert not os.path.exists(os.path.join(run_dir, "results.json")), "finished before the kill"
+    completed = json.load(open(metadata))["epoch"]
+    assert 1 <= completed < 4
+
+    result = train_cli("--resume", run_dir, "--quiet", "--no-export")
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = keras.models.load_model(os.path.join(run_dir, "model.keras"))
+    steps_per_epoch = 4096 // 128
+    assert int(model.optimizer.iterations) == 4 * steps_per_epoch
+    # the milestone schedule continued: epochs 2 and 3 decayed once and twice
+    assert float(model.optimizer.learning_rate) == pytest.approx(5e-4 * 0.25**2)
+    epochs = [int(row["epoch"]) for row in csv.DictReader(open(os.path.join(run_dir, "history.csv")))]
+    assert epochs[-1] == 3 and sorted(set(epochs)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    (["--model", "resnet18"], "invalid choice: 'resnet18'"),
+    (["--optim", "rmsprop"], "invalid choice: 'rmsprop'"),
+    (["--dataset", "fashion_mnist", "--data-dir", "EMPTY"], "holds neither the fashion_mnist"),
+    (["--dataset", "fashion_mnist", "--data-dir", "CORRUPT"], "cannot read"),
+    (["--dataset", "fashion_mnist", "--data-dir", "TRUNCATED"], "truncated"),
+    (["--resume", "EMPTY"], "not a run directory"),
+    (["--beta", "2"], "beta must be in [0.0, 1.0]"),
+    (["--pipeline"], "pipeline needs placement='layerwise'"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message, fashion_mnist_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (corrupt / name).write_bytes(b"\x1f\x8b" + b"garbage" * 10)
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        original = open(os.path.join(fashion_mnist_dir, name), "rb").read()
+        import gzip
+        raw = gzip.decompress(original)
+        (truncated / name).write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    places = {"EMPTY": str(empty), "CORRUPT": str(corrupt), "TRUNCATED": str(truncated)}
+    args = [places.get(a, a) for a in args]
+    save_dir = tmp_path / "runs"
+    result = train_cli(*args, "--save-dir", str(save_dir), "--epochs", "1")
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert not any(line.startswith("Traceback") for line in result.stderr.splitlines())
+    assert not save_dir.exists()
+
+
+def test_help_lists_every_reference_option():
+    result = train_cli("--help")
+    assert result.returncode == 0
+    for flag in ("--dataset", "--model", "--batch-size", "--epochs", "--lr ",
+                 "--lr-decay-milestones", "--lr-decay-fact", "--optim", "--momentum",
+                 "--weight-decay", "--dropout", "--nonlin", "--loss-sup", "--backprop",
+                 "--no-detach", "--beta", "--num-layers", "--num-hidden", "--dim-in-decoder",
+                 "--feat-mult", "--no-batch-norm", "--bio", "--target-proj-size", "--cutout",
+                 "--length", "--classes-per-batch", "--seed", "--save-dir", "--resume",
+                 "--data-dir", "--max-train-examples"):
+        assert flag in result.stdout, flag
+
+
+class PoisonAtEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            kernel = self.model.output_layer.kernel
+            kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, rng):
+    model = kl.build_model("mlp", (4,), 3, kl.Config(num_hidden=8, jit_compile=False))
+    model.compile()
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = rng.integers(0, 3, 64).astype("int32")
+    path = str(tmp_path / "last.keras")
+    with pytest.raises(NonFiniteLossError, match="epoch 2, batch 1"):
+        model.fit(x, y, batch_size=16, epochs=3, verbose=0,
+                  callbacks=[PoisonAtEpoch(1), NaNGuard(), AtomicCheckpoint(path)])
+    saved = keras.models.load_model(path)
+    assert all(np.all(np.isfinite(keras.ops.convert_to_numpy(v))) for v in saved.weights)
+    assert int(saved.optimizer.iterations) == 4  # one epoch of 64 / 16
