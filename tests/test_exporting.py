@@ -166,6 +166,7 @@ def test_onnx_holds_the_backbone_without_heads(exported):
     # tf2onnx folds each inference BatchNorm's four vectors (gamma, beta, moving mean,
     # moving variance) into two (scale, shift); the in-graph normalisation adds a scale
     # and an offset per input channel. Everything else is one initializer per weight.
+    # (Grappler also drops an all-zero bias or shift: true of an untrained model, not here.)
     bn_channels = sum(int(layer.gamma.shape[0]) for layer in backbone.layers
                       if isinstance(layer, keras.layers.BatchNormalization))
     channels = INFO.input_shape[-1]
