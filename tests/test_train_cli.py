@@ -1,5 +1,6 @@
 import csv
 import glob
+import gzip
 import json
 import os
 import signal
@@ -16,6 +17,16 @@ from keras_local.callbacks import AtomicCheckpoint, NaNGuard, NonFiniteLossError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def train_main(argv):
+    """train.py's main() in this process (fast: TensorFlow is already imported)."""
+    sys.path.insert(0, ROOT)
+    try:
+        from train import main
+    finally:
+        sys.path.remove(ROOT)
+    return main(argv)
 
 
 def train_cli(*args, timeout=300):
@@ -47,8 +58,7 @@ def test_cli_trains_fashion_mnist_end_to_end(tmp_path, fashion_mnist_dir):
     save_dir = str(tmp_path / "runs")
     result = train_cli("--dataset", "fashion_mnist", "--data-dir", fashion_mnist_dir,
                        "--model", "mlp", "--num-layers", "3", "--epochs", "1",
-                       "--max-train-examples", "10000", "--save-dir", save_dir, "--quiet",
-                       "--no-export")
+                       "--max-train-examples", "10000", "--save-dir", save_dir, "--quiet")
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = only_run_dir(save_dir)
     config = json.load(open(os.path.join(run_dir, "config.json")))
@@ -66,6 +76,10 @@ def test_cli_trains_fashion_mnist_end_to_end(tmp_path, fashion_mnist_dir):
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "last.keras"))
     model = keras.models.load_model(os.path.join(run_dir, "model.keras"))
     assert isinstance(model, kl.LocalModel) and len(model.local_blocks) == 3
+    export_dir = os.path.join(run_dir, "export")
+    metadata = json.load(open(os.path.join(export_dir, "metadata.json")))
+    assert metadata["test_error"] == pytest.approx(results["test_error"])
+    assert os.path.isfile(os.path.join(export_dir, "model.onnx"))
 
 
 def test_killed_run_resumes_with_identical_optimizer_iterations(tmp_path):
@@ -103,6 +117,30 @@ def test_killed_run_resumes_with_identical_optimizer_iterations(tmp_path):
     assert epochs[-1] == 3 and sorted(set(epochs)) == [0, 1, 2, 3]
 
 
+IDX_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def make_empty(folder, source):
+    folder.mkdir()
+    return str(folder)
+
+
+def make_corrupt(folder, source):
+    folder.mkdir()
+    for name in IDX_NAMES:
+        (folder / name).write_bytes(b"\x1f\x8b" + b"garbage" * 10)
+    return str(folder)
+
+
+def make_truncated(folder, source):
+    folder.mkdir()
+    for name in IDX_NAMES:
+        raw = gzip.decompress(open(os.path.join(source, name), "rb").read())
+        (folder / name).write_bytes(gzip.compress(raw[: len(raw) // 2], compresslevel=1))
+    return str(folder)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     (["--model", "resnet18"], "invalid choice: 'resnet18'"),
@@ -114,30 +152,18 @@ def test_killed_run_resumes_with_identical_optimizer_iterations(tmp_path):
     (["--beta", "2"], "beta must be in [0.0, 1.0]"),
     (["--pipeline"], "pipeline needs placement='layerwise'"),
 ])
-def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message, fashion_mnist_dir):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
-        (corrupt / name).write_bytes(b"\x1f\x8b" + b"garbage" * 10)
-    truncated = tmp_path / "truncated"
-    truncated.mkdir()
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
-        original = open(os.path.join(fashion_mnist_dir, name), "rb").read()
-        import gzip
-        raw = gzip.decompress(original)
-        (truncated / name).write_bytes(gzip.compress(raw[: len(raw) // 2]))
-    places = {"EMPTY": str(empty), "CORRUPT": str(corrupt), "TRUNCATED": str(truncated)}
-    args = [places.get(a, a) for a in args]
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message, fashion_mnist_dir,
+                                                   capsys):
+    places = {"EMPTY": make_empty, "CORRUPT": make_corrupt, "TRUNCATED": make_truncated}
+    args = [places[a](tmp_path / a.lower(), fashion_mnist_dir) if a in places else a
+            for a in args]
     save_dir = tmp_path / "runs"
-    result = train_cli(*args, "--save-dir", str(save_dir), "--epochs", "1")
-    assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py")]
-    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
-    assert not any(line.startswith("Traceback") for line in result.stderr.splitlines())
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(train_main([*args, "--save-dir", str(save_dir), "--epochs", "1"]))
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and stderr.startswith("train.py: error: "), stderr
+    assert message in stderr
     assert not save_dir.exists()
 
 
