@@ -4,6 +4,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_local.blocks import LocalBlock
+from keras_local.distribute import device_scope
 from keras_local.similarity import pred_loss
 
 
@@ -25,16 +26,19 @@ def train_step(model, inputs, labels_onehot):
 def _global_gradients(model, inputs, labels_onehot, replica_scale):
     """backprop (output loss only) and no_detach (output + every block's local loss)."""
     with_local_losses = model.config.training_mode == "no_detach"
+    layer_devices, output_device = model.layer_devices()
     with tf.GradientTape() as tape:
         h = inputs
         local_losses = []
-        for layer in model.feature_layers:
-            if with_local_losses and isinstance(layer, LocalBlock):
-                h = layer(h, training=True, labels=labels_onehot)
-                local_losses.extend(layer.losses)
-            else:
-                h = layer(h, training=True)
-        logits = model.output_layer(h, training=True)
+        for layer, device in zip(model.feature_layers, layer_devices):
+            with device_scope(device):
+                if with_local_losses and isinstance(layer, LocalBlock):
+                    h = layer(h, training=True, labels=labels_onehot)
+                    local_losses.extend(layer.losses)
+                else:
+                    h = layer(h, training=True)
+        with device_scope(output_device):
+            logits = model.output_layer(h, training=True)
         loss = pred_loss(logits, labels_onehot) * model.config.output_loss_scale
         loss = (loss + ops.sum(ops.stack(local_losses)) if local_losses else loss) * replica_scale
     variables = model.trainable_variables
@@ -50,20 +54,23 @@ def _local_gradients(model, inputs, labels_onehot, replica_scale):
     """
     all_grads, all_variables = [], []
     h = inputs
-    for layer in model.feature_layers:
+    layer_devices, output_device = model.layer_devices()  # all None without placement
+    for layer, device in zip(model.feature_layers, layer_devices):
         if not isinstance(layer, LocalBlock):
-            h = layer(h, training=True)
+            with device_scope(device):
+                h = layer(h, training=True)
             continue
-        with tf.GradientTape() as tape:
+        with device_scope(device), tf.GradientTape() as tape:
             out = layer(h, training=True, labels=labels_onehot)
             loss = ops.sum(ops.stack(layer.losses)) * replica_scale
         variables = layer.trainable_variables
-        grads = tape.gradient(loss, variables)
+        with device_scope(device):
+            grads = tape.gradient(loss, variables)
         with tf.control_dependencies(grads):
             h = tf.stop_gradient(tf.identity(out))
         all_grads.extend(grads)
         all_variables.extend(variables)
-    with tf.GradientTape() as tape:
+    with device_scope(output_device), tf.GradientTape() as tape:
         logits = model.output_layer(h, training=True)
         loss = pred_loss(logits, labels_onehot) * model.config.output_loss_scale * replica_scale
     variables = model.output_layer.trainable_variables

@@ -1,0 +1,239 @@
+"""Multi-device checks that need their own process, for tests/test_distribute.py.
+
+Logical CPU devices must be configured before TensorFlow runs its first op, which the
+pytest process has long done; so each case runs here, in a fresh interpreter:
+
+    python tests/distribute_cases.py CASE DATA.npz WORK_DIR
+
+and prints one JSON line of measurements that the test asserts on. CASE is "mirrored"
+(2 replicas: equivalence, locality, checkpoints, BackupAndRestore) or "pipeline"
+(layerwise placement over 2 devices, pipelined training on real Fashion-MNIST).
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def use_logical_cpus(count):
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+
+
+def weights(model):
+    import keras
+
+    return {v.path.split("/", 1)[1]: keras.ops.convert_to_numpy(v) for v in model.weights}
+
+
+def max_diff(a, b, keys=None):
+    import numpy as np
+
+    keys = sorted(a) if keys is None else keys
+    return max(float(np.abs(a[k] - b[k]).max()) for k in keys)
+
+
+def one_step(model, x, y):
+    """One train step on the batch (x, y), split over the replicas.
+
+    ``fit`` splits each global batch into consecutive per-replica slices; Keras's
+    ``train_on_batch`` would instead give every replica the whole batch.
+    """
+    model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
+
+
+# ------------------------------------------------------------------- mirrored
+def mirrored_case(data, work):
+    use_logical_cpus(2)
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_local as kl
+    from keras_local.distribute import make_strategy
+
+    config = kl.Config(model="mlp", num_layers=3, num_hidden=32, optim="sgd", lr=0.1,
+                       jit_compile=False, strategy="mirrored")
+    strategy = make_strategy(config)
+    shape = data["x"].shape[1:]
+    a, b = slice(0, 32), slice(32, 64)
+    xa, ya, xb, yb = data["x"][a], data["y"][a], data["x"][b], data["y"][b]
+    result = {"replicas": strategy.num_replicas_in_sync}
+
+    def build(scope, cfg=config):
+        with scope:
+            model = kl.build_model("mlp", shape, 10, cfg)
+            model.compile()
+        return model
+
+    keras.utils.set_random_seed(3)
+    reference = build(tf.distribute.get_strategy().scope())
+    initial, initial_by_path = reference.get_weights(), weights(reference)
+
+    # (a) one mirrored step on [a; b] == mean of the single-device steps on a and on b.
+    mirrored = build(strategy.scope())
+    mirrored.set_weights(initial)
+    one_step(mirrored, np.concatenate([xa, xb]), np.concatenate([ya, yb]))
+    singles = []
+    for x, y in ((xa, ya), (xb, yb)):
+        single = build(tf.distribute.get_strategy().scope(), config.replace(strategy="one"))
+        single.set_weights(initial)
+        one_step(single, x, y)
+        singles.append(weights(single))
+    expected = {k: (singles[0][k] + singles[1][k]) / 2 for k in singles[0]}
+    got = weights(mirrored)
+    moving = [k for k in got if "moving_" in k]
+    trainable = [k for k in got if k not in moving]
+    result["trainable_max_diff"] = max_diff(got, expected, trainable)
+    result["moving_stats_max_diff"] = max_diff(got, expected, moving)
+    result["moved"] = max_diff(got, initial_by_path, trainable)
+    first_bn = mirrored.local_blocks[0].bn.moving_mean.value
+    copies = strategy.experimental_local_results(first_bn)
+    result["moving_mean_replica_copies_diff"] = float(np.abs(copies[0] - copies[1]).max())
+
+    # Locality under the strategy: altering the last block's heads leaves block 1's
+    # update unchanged.
+    outcomes = []
+    for alter in (False, True):
+        model = build(strategy.scope())
+        model.set_weights(initial)
+        if alter:
+            for head in model.local_blocks[-1].heads.values():
+                for v in head.trainable_weights:
+                    v.assign(np.random.default_rng(7).normal(size=v.shape).astype("float32"))
+        one_step(model, np.concatenate([xa, xb]), np.concatenate([ya, yb]))
+        outcomes.append(weights(model))
+    block_1 = [k for k in outcomes[0] if k.startswith("block_1/") and "head" not in k]
+    last = mirrored.local_blocks[-1].name
+    last_encoder = [k for k in outcomes[0] if k.startswith(f"{last}/") and "head" not in k]
+    result["locality_block_1_diff"] = max_diff(outcomes[0], outcomes[1], block_1)
+    result["locality_last_block_diff"] = max_diff(outcomes[0], outcomes[1], last_encoder)
+
+    # Checkpoints: save_weights / load_weights round trip between mirrored models.
+    path = os.path.join(work, "mirrored.weights.h5")
+    mirrored.save_weights(path)
+    restored = build(strategy.scope())
+    restored.load_weights(path)
+    result["checkpoint_max_diff"] = max_diff(weights(restored), got)
+    x_eval = data["x"][:64]
+    result["checkpoint_predict_diff"] = float(np.abs(
+        restored.predict(x_eval, verbose=0) - mirrored.predict(x_eval, verbose=0)).max())
+
+    # BackupAndRestore: interrupted after epoch 2 of 3 and resumed == uninterrupted.
+    adam = config.replace(optim="adam", lr=1e-3)
+    fit_data = (data["x"][:256], data["y"][:256])
+
+    def fit(model, backup_dir, interrupt_after=None):
+        epochs = []
+
+        class Record(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                epochs.append(epoch)
+
+            def on_epoch_end(self, epoch, logs=None):
+                if epoch + 1 == interrupt_after:
+                    raise RuntimeError("simulated preemption")
+
+        callbacks = [keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False),
+                     Record()]
+        try:
+            model.fit(*fit_data, batch_size=64, epochs=3, shuffle=False, verbose=0,
+                      callbacks=callbacks)
+        except RuntimeError:
+            pass
+        return epochs
+
+    straight = build(strategy.scope(), adam)
+    straight.set_weights(initial)
+    fit(straight, os.path.join(work, "backup_straight"))
+    interrupted = build(strategy.scope(), adam)
+    interrupted.set_weights(initial)
+    backup = os.path.join(work, "backup")
+    result["epochs_before_interruption"] = fit(interrupted, backup, interrupt_after=2)
+    resumed = build(strategy.scope(), adam)  # fresh weights: the backup must restore them
+    result["epochs_after_restart"] = fit(resumed, backup)
+    result["resumed_vs_straight_max_diff"] = max_diff(weights(resumed), weights(straight))
+    return result
+
+
+# ------------------------------------------------------------------- pipeline
+def pipeline_case(data, work):
+    use_logical_cpus(2)
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_local as kl
+    from keras_local.distribute import block_devices, same_device
+
+    config = kl.Config(model="mlp", num_layers=4, num_hidden=128, optim="adam", lr=1e-3,
+                       jit_compile=False, placement="layerwise", pipeline=True)
+    keras.utils.set_random_seed(1)
+    model = kl.build_model("mlp", data["x"].shape[1:], 10, config)
+    model.compile()
+    result = {"devices": [d.name for d in tf.config.list_logical_devices("CPU")]}
+
+    # Placement: every block variable (and its optimiser slots, and the buffer that
+    # feeds it) on the block's assigned device.
+    assigned = block_devices(model)
+    result["assigned"] = assigned
+    misplaced, slots_checked = [], 0
+    model.optimizer.build(model.trainable_variables)
+    for block, device in zip(model.local_blocks, assigned):
+        for v in block.weights:
+            if not same_device(v.value.device, device):
+                misplaced.append(f"{v.path} on {v.value.device}, assigned {device}")
+        for v in block.trainable_weights:
+            for slot in model.optimizer.variables:
+                if slot.path.startswith("adam/" + v.path.replace("/", "_") + "_"):
+                    slots_checked += 1
+                    if not same_device(slot.value.device, device):
+                        misplaced.append(f"{slot.path} on {slot.value.device}")
+    for boundary, stage in zip(model.pipeline_buffers.boundaries, model.pipeline_buffers.stages[1:]):
+        if not same_device(boundary.activations.device, stage.device):
+            misplaced.append(f"{boundary.activations.name} on {boundary.activations.device}")
+    result["misplaced"] = misplaced
+    result["optimizer_slots_checked"] = slots_checked
+    result["block_variable_devices"] = {
+        block.name: sorted({v.value.device for v in block.weights}) for block in model.local_blocks}
+
+    # Which blocks' weights change at each of the first steps.
+    groups = {block.name: block.trainable_weights for block in model.local_blocks}
+    groups["output"] = model.output_layer.trainable_weights
+    x, y = data["x"], data["y"]
+    changed = []
+    for step in range(len(model.local_blocks) + 3):
+        before = {name: [v.numpy().copy() for v in vs] for name, vs in groups.items()}
+        batch = slice(step * 128, (step + 1) * 128)
+        model.train_on_batch(x[batch], y[batch])
+        changed.append(sorted(name for name, vs in groups.items()
+                              if any(not np.array_equal(b, v.numpy())
+                                     for b, v in zip(before[name], vs))))
+    result["changed_per_step"] = changed
+    result["stages"] = len(model.pipeline_buffers.stages)
+
+    # Local losses on real data, epoch by epoch.
+    history = model.fit(x, y, batch_size=128, epochs=3, shuffle=False, verbose=0)
+    result["history"] = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    return result
+
+
+CASES = {"mirrored": mirrored_case, "pipeline": pipeline_case}
+
+
+def main():
+    case, data_path, work = sys.argv[1:4]
+    import numpy as np
+
+    data = dict(np.load(data_path))
+    print("RESULT " + json.dumps(CASES[case](data, work)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
