@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_local.feedback import LabelProjection
+from keras_local.feedback import LabelProjection, bio_seeds
 from keras_local.heads import PredHead, SimHead, torch_kernel_initializer
 from keras_local.local_losses import get_local_loss
 from keras_local.similarity import error_percent
@@ -83,14 +83,16 @@ class LocalBlock(keras.layers.Layer):
         self.projection = None
         self.local_metrics = {}
         if self.local_loss_spec is not None:
-            if bio:
-                self.projection = LabelProjection(
-                    num_classes, target_proj_size, seed=None if seed is None else seed + 1,
-                    name=f"{self.name}_label_projection")
             head_seed = None if seed is None else seed + 2
+            pred_seed = head_seed
+            if bio:
+                projection_seed, pred_seed = bio_seeds(seed)
+                self.projection = LabelProjection(
+                    num_classes, target_proj_size, seed=projection_seed,
+                    name=f"{self.name}_label_projection")
             if "pred" in self.local_loss_spec.heads:
                 self.heads["pred"] = PredHead(num_classes, dim_in_decoder, self.projection,
-                                              seed=head_seed, dtype=policy, name=f"{self.name}_pred_head")
+                                              seed=pred_seed, dtype=policy, name=f"{self.name}_pred_head")
                 self.local_metrics["pred_loss"] = keras.metrics.Mean(name=f"{self.name}_pred_loss")
                 self.local_metrics["error"] = keras.metrics.Mean(name=f"{self.name}_error")
             if "sim" in self.local_loss_spec.heads:
@@ -114,6 +116,8 @@ class LocalBlock(keras.layers.Layer):
             shape = tuple(layer.compute_output_shape(shape))
         if self.dropout is not None:
             self.dropout.build(shape)
+        if self.projection is not None:
+            self.projection.build((None, self.num_classes))
         for head in self.heads.values():
             head.build(shape)
 

@@ -3,9 +3,27 @@
 import keras
 from keras import ops
 
+# Offsets of the seeds of a block's label projection P and feedback matrix B from the
+# block's own seed. Block seeds are consecutive integers (config.seed * 1000 + index) and
+# Keras's seeded initialisers draw the same random stream for the same integer, so
+# "seed + 1" would make block k's P a scaled copy of block k-1's B and of the first
+# weights of block k+1's encoder.
+PROJECTION_SEED_OFFSET = 1_000_003
+FEEDBACK_SEED_OFFSET = 2_000_003
+
+
+def bio_seeds(block_seed):
+    """(seed of P, seed of B) for a block seeded with ``block_seed`` (None stays None)."""
+    if block_seed is None:
+        return None, None
+    return block_seed + PROJECTION_SEED_OFFSET, block_seed + FEEDBACK_SEED_OFFSET
+
 
 def _fa_matmul(inputs, kernel, bias, feedback):
-    """inputs @ kernel + bias whose gradient to ``inputs`` uses ``feedback``, not ``kernel``."""
+    """inputs @ kernel + bias whose gradient to ``inputs`` uses ``feedback``, not ``kernel``.
+
+    inputs: (batch, fan_in); kernel, feedback: (fan_in, units); bias: (units,).
+    """
 
     @ops.custom_gradient
     def forward(x, w, b):
@@ -27,8 +45,9 @@ class FeedbackAlignmentDense(keras.layers.Layer):
 
     Forward: x W + b. The gradient passed back to x is upstream @ Bᵀ with B a fixed
     random matrix of W's shape (a non-trainable weight, saved with the model); the
-    gradients of W and b are the ordinary ones. Kernel initialised to zero, as the
-    reference does for every pred head.
+    gradients of W and b are the ordinary ones. Kernel and bias start at zero, B is
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as in the reference's ``LinearFA`` pred head.
+    Inputs must be (batch, features).
     """
 
     def __init__(self, units, seed=None, **kwargs):
@@ -37,6 +56,9 @@ class FeedbackAlignmentDense(keras.layers.Layer):
         self.seed = seed
 
     def build(self, input_shape):
+        if len(input_shape) != 2:
+            raise ValueError(
+                f"FeedbackAlignmentDense needs (batch, features) inputs, got {tuple(input_shape)}")
         fan_in = input_shape[-1]
         self.kernel = self.add_weight(
             name="kernel", shape=(fan_in, self.units), initializer="zeros"
@@ -53,7 +75,7 @@ class FeedbackAlignmentDense(keras.layers.Layer):
     def call(self, inputs):
         kernel = ops.cast(self.kernel, inputs.dtype)
         bias = ops.cast(self.bias, inputs.dtype)
-        feedback = ops.cast(self.feedback, inputs.dtype)
+        feedback = ops.stop_gradient(ops.cast(self.feedback, inputs.dtype))
         return _fa_matmul(inputs, kernel, bias, feedback)
 
     def compute_output_shape(self, input_shape):
@@ -67,7 +89,8 @@ class LabelProjection(keras.layers.Layer):
     """A fixed random projection P (num_classes x target_proj_size) of one-hot labels.
 
     Never trained; stored as a non-trainable weight so that it survives save/reload.
-    Initialised like the reference's ``nn.Linear(num_classes, size, bias=False)``.
+    Initialised like the reference's ``nn.Linear(num_classes, size, bias=False)``:
+    U(-1/sqrt(num_classes), 1/sqrt(num_classes)). Always computes in float32.
     """
 
     def __init__(self, num_classes, target_proj_size, seed=None, **kwargs):
@@ -75,20 +98,30 @@ class LabelProjection(keras.layers.Layer):
         self.num_classes = num_classes
         self.target_proj_size = target_proj_size
         self.seed = seed
-        limit = 1.0 / num_classes**0.5
+
+    def build(self, input_shape=None):
+        limit = 1.0 / self.num_classes**0.5
         self.projection = self.add_weight(
             name="projection",
-            shape=(num_classes, target_proj_size),
-            initializer=keras.initializers.RandomUniform(-limit, limit, seed=seed),
+            shape=(self.num_classes, self.target_proj_size),
+            initializer=keras.initializers.RandomUniform(-limit, limit, seed=self.seed),
             trainable=False,
         )
 
     def call(self, labels_onehot):
-        return ops.matmul(ops.cast(labels_onehot, "float32"), self.projection)
+        projection = ops.stop_gradient(ops.cast(self.projection, "float32"))
+        return ops.matmul(ops.cast(labels_onehot, "float32"), projection)
 
     def binary_targets(self, labels_onehot):
         """(onehot(y) P > 0) as float32 {0, 1} targets of the bio pred head."""
         return ops.cast(self(labels_onehot) > 0, "float32")
+
+    def class_codes(self):
+        """Each class's ±1 code sign(P), (num_classes, target_proj_size), float32."""
+        return 2.0 * ops.cast(self.projection > 0, "float32") - 1.0
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.target_proj_size,)
 
     def get_config(self):
         return {

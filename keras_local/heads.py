@@ -111,8 +111,8 @@ class PredHead(keras.layers.Layer):
         if self.projection is None:
             return pred_loss(logits, labels_onehot), logits
         targets = self.projection.binary_targets(labels_onehot)
-        # Class scores: how well the logits match each class's binary code.
-        codes = 2.0 * ops.cast(self.projection.projection > 0, "float32") - 1.0
+        # Class scores: how well the logits match each class's ±1 code.
+        codes = self.projection.class_codes()
         scores = ops.matmul(ops.cast(logits, "float32"), ops.transpose(codes))
         return binary_pred_loss(logits, targets), scores
 
