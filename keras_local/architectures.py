@@ -8,7 +8,7 @@ import functools
 
 import keras
 
-from keras_local.blocks import LocalBlock
+from keras_local.blocks import SEED_STRIDE, LocalBlock
 
 VGG_CHANNELS = {
     "vgg6a": [128, "M", 256, "M", 512, "M", 512],
@@ -29,6 +29,10 @@ VGG_CHANNELS = {
 LARGE_INPUT_SIZE = 64
 
 
+def block_seed(config, index):
+    return (config.seed * 1000 + index) * SEED_STRIDE
+
+
 def _block_kwargs(config, num_classes):
     return dict(
         num_classes=num_classes,
@@ -46,7 +50,7 @@ def _block_kwargs(config, num_classes):
 
 def _dense_blocks(config, num_classes, first_index):
     return [
-        LocalBlock("dense", config.num_hidden, seed=config.seed * 1000 + first_index + i,
+        LocalBlock("dense", config.num_hidden, seed=block_seed(config, first_index + i),
                    name=f"block_{first_index + i}", **_block_kwargs(config, num_classes))
         for i in range(config.num_layers)
     ]
@@ -77,7 +81,7 @@ def vgg_layers(name, input_shape, num_classes, config):
         layers.append(LocalBlock(
             "conv", int(item * config.feat_mult),
             kernel_size=7 if large_stem else 3, strides=2 if large_stem else 1,
-            seed=config.seed * 1000 + index, name=f"block_{index}",
+            seed=block_seed(config, index), name=f"block_{index}",
             **_block_kwargs(config, num_classes)))
     layers.append(keras.layers.Flatten(dtype=config.precision, name="flatten"))
     return layers + _dense_blocks(config, num_classes, first_index=index + 1)

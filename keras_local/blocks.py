@@ -3,12 +3,23 @@
 import keras
 from keras import ops
 
-from keras_local.feedback import LabelProjection, bio_seeds
+from keras_local.feedback import LabelProjection
 from keras_local.heads import PredHead, SimHead, torch_kernel_initializer
 from keras_local.local_losses import get_local_loss
 from keras_local.similarity import error_percent
 
 BLOCK_KINDS = ("dense", "conv")
+
+# Every random part of a block draws from its own seed: block_seed + offset. Keras's
+# seeded initialisers replay the same stream for the same integer, so two parts (or two
+# blocks, see SEED_STRIDE) sharing a seed would start as scaled copies of each other.
+SEED_OFFSETS = {"encoder": 0, "dropout": 1, "sim_head": 2, "projection": 3, "feedback": 4}
+SEED_STRIDE = 100  # distance between the seeds of consecutive blocks
+
+
+def part_seed(block_seed, part):
+    """The seed of one random ``part`` of a block seeded ``block_seed`` (None stays None)."""
+    return None if block_seed is None else block_seed + SEED_OFFSETS[part]
 
 
 class LocalBlock(keras.layers.Layer):
@@ -61,11 +72,13 @@ class LocalBlock(keras.layers.Layer):
             self.encoder = keras.layers.Conv2D(
                 width, kernel_size, strides=strides,
                 padding="same" if strides == 1 else "valid",
-                kernel_initializer=torch_kernel_initializer(seed), dtype=policy, name=f"{self.name}_encoder")
+                kernel_initializer=torch_kernel_initializer(part_seed(seed, "encoder")),
+                dtype=policy, name=f"{self.name}_encoder")
         else:
             self.encoder_padding = None
             self.encoder = keras.layers.Dense(
-                width, kernel_initializer=torch_kernel_initializer(seed), dtype=policy,
+                width, kernel_initializer=torch_kernel_initializer(part_seed(seed, "encoder")),
+                dtype=policy,
                 name=f"{self.name}_encoder")
         # PyTorch BatchNorm defaults: running-average momentum 0.1, eps 1e-5.
         self.bn = (keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype=policy,
@@ -77,26 +90,26 @@ class LocalBlock(keras.layers.Layer):
         self.dropout = None
         if dropout > 0:
             dropout_cls = keras.layers.SpatialDropout2D if kind == "conv" else keras.layers.Dropout
-            self.dropout = dropout_cls(dropout, seed=seed, dtype=policy, name=f"{self.name}_dropout")
+            self.dropout = dropout_cls(dropout, seed=part_seed(seed, "dropout"), dtype=policy,
+                                       name=f"{self.name}_dropout")
 
         self.heads = {}
         self.projection = None
         self.local_metrics = {}
         if self.local_loss_spec is not None:
-            head_seed = None if seed is None else seed + 2
-            pred_seed = head_seed
             if bio:
-                projection_seed, pred_seed = bio_seeds(seed)
                 self.projection = LabelProjection(
-                    num_classes, target_proj_size, seed=projection_seed,
+                    num_classes, target_proj_size, seed=part_seed(seed, "projection"),
                     name=f"{self.name}_label_projection")
             if "pred" in self.local_loss_spec.heads:
                 self.heads["pred"] = PredHead(num_classes, dim_in_decoder, self.projection,
-                                              seed=pred_seed, dtype=policy, name=f"{self.name}_pred_head")
+                                              seed=part_seed(seed, "feedback"), dtype=policy,
+                                              name=f"{self.name}_pred_head")
                 self.local_metrics["pred_loss"] = keras.metrics.Mean(name=f"{self.name}_pred_loss")
                 self.local_metrics["error"] = keras.metrics.Mean(name=f"{self.name}_error")
             if "sim" in self.local_loss_spec.heads:
-                self.heads["sim"] = SimHead(dim_in_decoder, self.projection, seed=head_seed,
+                self.heads["sim"] = SimHead(dim_in_decoder, self.projection,
+                                            seed=part_seed(seed, "sim_head"),
                                             dtype=policy, name=f"{self.name}_sim_head")
                 self.local_metrics["sim_loss"] = keras.metrics.Mean(name=f"{self.name}_sim_loss")
 

@@ -3,22 +3,6 @@
 import keras
 from keras import ops
 
-# Offsets of the seeds of a block's label projection P and feedback matrix B from the
-# block's own seed. Block seeds are consecutive integers (config.seed * 1000 + index) and
-# Keras's seeded initialisers draw the same random stream for the same integer, so
-# "seed + 1" would make block k's P a scaled copy of block k-1's B and of the first
-# weights of block k+1's encoder.
-PROJECTION_SEED_OFFSET = 1_000_003
-FEEDBACK_SEED_OFFSET = 2_000_003
-
-
-def bio_seeds(block_seed):
-    """(seed of P, seed of B) for a block seeded with ``block_seed`` (None stays None)."""
-    if block_seed is None:
-        return None, None
-    return block_seed + PROJECTION_SEED_OFFSET, block_seed + FEEDBACK_SEED_OFFSET
-
-
 def _fa_matmul(inputs, kernel, bias, feedback):
     """inputs @ kernel + bias whose gradient to ``inputs`` uses ``feedback``, not ``kernel``.
 

@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 import keras_local as kl
-from keras_local.feedback import bio_seeds
+from keras_local.blocks import SEED_OFFSETS, part_seed
 
 
 def bio_config(**changes):
@@ -258,7 +258,7 @@ def test_bio_matrices_have_seeds_of_their_own():
                              bio_config(num_layers=3, num_hidden=64, target_proj_size=16))
     np.testing.assert_array_equal(numpy_of(blocks[1].projection.projection),
                                   numpy_of(rebuilt.local_blocks[1].projection.projection))
-    seeds = [s for block in blocks for s in (block.seed,) + bio_seeds(block.seed)]
+    seeds = [part_seed(block.seed, part) for block in blocks for part in SEED_OFFSETS]
     assert len(set(seeds)) == len(seeds)
 
     def correlation(a, b):
