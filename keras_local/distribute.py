@@ -100,6 +100,28 @@ def is_multi_worker(strategy):
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
+def is_chief(strategy):
+    """Whether this process should write the run's shared outputs (checkpoints, logs,
+    exports): always, except on the non-chief workers of a multi-worker cluster."""
+    if not is_multi_worker(strategy):
+        return True
+    resolver = strategy.cluster_resolver
+    if resolver.task_type in (None, "chief"):
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def per_worker_path(path, strategy):
+    """``path`` itself, or ``path/<task type>_<index>`` on a multi-worker cluster, where
+    every worker writes (Keras's BackupAndRestore saves from every worker: give each
+    its own directory; the weights are the same on all)."""
+    if not is_multi_worker(strategy):
+        return path
+    resolver = strategy.cluster_resolver
+    return os.path.join(path, f"{resolver.task_type}_{resolver.task_id}")
+
+
 @contextlib.contextmanager
 def mean_aggregated_state():
     """Create the model's variables inside this scope: the non-trainable float variables

@@ -6,9 +6,9 @@ Run with TF_CONFIG set (the test starts two of these on 127.0.0.1):
         [--backup-dir DIR] [--pause-after-epoch N]
 
 Trains a small MLP with ``model.fit`` (no train.py), with ``BackupAndRestore`` when
-``--backup-dir`` is given (each worker keeps its own copy: Keras 3 writes the backup
-from every worker), appends each finished epoch to ``DIR/epochs_<task>.txt``, and at the
-end saves the weights to ``DIR/weights_<task>.npz``. ``--pause-after-epoch N``: after
+``--backup-dir`` is given (each worker keeps its own copy, ``per_worker_path``: Keras 3
+writes the backup from every worker), appends each finished epoch to ``DIR/epochs_<task>.txt``, and at the
+end saves the weights to ``DIR/weights_<task>.npz`` and ``is_chief`` to ``DIR/chief_<task>.txt``. ``--pause-after-epoch N``: after
 epoch N (1-based) is backed up, sleep, so that the test can kill this worker.
 """
 
@@ -33,7 +33,7 @@ def main():
     task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
 
     import keras_local as kl
-    from keras_local.distribute import make_strategy
+    from keras_local.distribute import is_chief, make_strategy, per_worker_path
 
     config = kl.Config(strategy="multiworker", num_layers=2, num_hidden=32, optim="adam",
                        lr=1e-3, jit_compile=False)
@@ -57,12 +57,14 @@ def main():
     callbacks = []
     if args.backup_dir:
         callbacks.append(keras.callbacks.BackupAndRestore(
-            os.path.join(args.backup_dir, f"worker_{task}"), delete_checkpoint=False))
+            per_worker_path(args.backup_dir, strategy), delete_checkpoint=False))
     callbacks.append(EpochLog())  # after the backup: pausing means the epoch is saved
     model.fit(data["x"], data["y"], batch_size=args.batch_size, epochs=args.epochs,
               shuffle=False, verbose=0, callbacks=callbacks)
     np.savez(os.path.join(args.out, f"weights_{task}.npz"),
              **{v.path: keras.ops.convert_to_numpy(v) for v in model.weights})
+    with open(os.path.join(args.out, f"chief_{task}.txt"), "w") as f:
+        f.write(str(is_chief(strategy)))
     print(f"worker {task} done", flush=True)
 
 

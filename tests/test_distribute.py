@@ -59,6 +59,8 @@ def test_strategy_one_is_the_default_strategy():
     strategy = distribute.make_strategy(kl.Config(strategy="one"))
     assert strategy is tf.distribute.get_strategy()
     assert strategy.num_replicas_in_sync == 1
+    assert distribute.is_chief(strategy)
+    assert distribute.per_worker_path("runs/x/backup", strategy) == "runs/x/backup"
 
 
 def test_auto_resolves_from_tf_config_and_placement(monkeypatch):
@@ -261,12 +263,18 @@ def multiworker_straight(tmp_path_factory):
     codes = [cluster.wait(task) for task in (0, 1)]
     for task in (0, 1):
         assert codes[task] == 0, worker_log(out, task)
-    return data_path, [load_weights(out, task) for task in (0, 1)], [epochs_run(out, t) for t in (0, 1)]
+    chiefs = [open(os.path.join(out, f"chief_{task}.txt")).read() for task in (0, 1)]
+    backups = sorted(os.listdir(work / "backup"))
+    return {"data_path": data_path, "weights": [load_weights(out, task) for task in (0, 1)],
+            "epochs": [epochs_run(out, task) for task in (0, 1)], "chiefs": chiefs,
+            "backups": backups}
 
 
 def test_multiworker_workers_end_with_identical_weights(multiworker_straight):
-    _, (weights_0, weights_1), epochs = multiworker_straight
-    assert epochs == [[1, 2, 3], [1, 2, 3]]
+    weights_0, weights_1 = multiworker_straight["weights"]
+    assert multiworker_straight["epochs"] == [[1, 2, 3], [1, 2, 3]]
+    assert multiworker_straight["chiefs"] == ["True", "False"]
+    assert multiworker_straight["backups"] == ["worker_0", "worker_1"]
     assert max_diff(weights_0, weights_1) == 0.0
     assert any("moving_mean" in k for k in weights_0)  # BatchNorm statistics agree too
 
@@ -276,7 +284,7 @@ def test_multiworker_killed_worker_restarts_from_backup(multiworker_straight, tm
     """Worker 1 is killed after epoch 1; MultiWorkerMirroredStrategy then fails the
     survivor (its collectives see a dead peer), as TensorFlow documents; the cluster is
     started again and both workers resume from their BackupAndRestore copies."""
-    data_path, straight, _ = multiworker_straight
+    data_path, straight = multiworker_straight["data_path"], multiworker_straight["weights"]
     cluster = Cluster(data_path, tmp_path / "backup")
     first, second = tmp_path / "first", tmp_path / "second"
     cluster.start(0, first)
