@@ -55,7 +55,7 @@ def sim_loss(features, targets):
 def pred_loss(logits, labels_onehot):
     """Softmax cross-entropy with one-hot labels, mean over the batch."""
     log_probs = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
-    return -ops.mean(ops.sum(labels_onehot * log_probs, axis=-1))
+    return -ops.mean(ops.sum(ops.cast(labels_onehot, "float32") * log_probs, axis=-1))
 
 
 def binary_pred_loss(logits, binary_targets):
