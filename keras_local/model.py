@@ -34,7 +34,7 @@ class LocalModel(keras.Model):
             config = Config()
         elif isinstance(config, dict):
             config = Config.from_dict(config)
-        _refuse_tensorflow_only_options(config, keras.backend.backend())
+        _check_backend_support(config, keras.backend.backend())
         self.config = config
         self.architecture = architecture
         self.example_shape = tuple(input_shape)
@@ -229,9 +229,9 @@ class LocalModel(keras.Model):
         return cls(**config)
 
 
-def _refuse_tensorflow_only_options(config, backend):
-    """ValueError for options that only the TensorFlow backend implements (tf.device,
-    tf.distribute), naming that backend; everything else trains on every backend."""
+def _check_backend_support(config, backend):
+    """ValueError, naming the backend that supports them, for options this backend
+    cannot train with; everything else trains the same on every backend."""
     if backend == "tensorflow":
         return
     options = []
@@ -246,6 +246,13 @@ def _refuse_tensorflow_only_options(config, backend):
             f"{' and '.join(options)}: supported on the tensorflow backend only, but Keras "
             f"is running on {backend!r}; set KERAS_BACKEND=tensorflow (train.py --backend "
             f"tensorflow) or leave these options at their defaults")
+    if backend == "torch" and config.precision != "float32":
+        # Keras 3.15's torch Variable.assign writes into the autocast copy of a float32
+        # variable, so the blocks' metrics (updated inside their mixed-precision calls)
+        # would silently stay at 0.
+        raise ValueError(
+            f"precision={config.precision!r}: supported on the tensorflow and jax backends "
+            f"only, but Keras is running on 'torch'; use precision='float32' on torch")
 
 
 def _reducible_logs(logs):
