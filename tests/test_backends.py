@@ -224,7 +224,7 @@ def test_fit_evaluate_predict_on_this_backend(rng, precision):
 
     if precision != "float32" and keras.backend.backend() == "torch":
         pytest.skip("mixed precision is refused on torch (test_mixed_precision_is_refused...)")
-    tolerance = 1e-5 if precision == "float32" else 2e-2
+    tolerance = 1e-5 if precision == "float32" else 5e-2  # bfloat16: 8 significant bits
     config = kl.Config(**dict(_VGG, optim="adam", lr=1e-2, dropout=0.1, precision=precision))
     model = kl.build_model("vgg6a", (8, 8, 3), NUM_CLASSES, config)
     model.compile()
@@ -242,12 +242,13 @@ def test_fit_evaluate_predict_on_this_backend(rng, precision):
     moving_mean = keras.ops.convert_to_numpy(model.local_blocks[0].bn.moving_mean)
     assert np.abs(moving_mean).max() > 0, "BatchNorm statistics never moved"
     logits = model.predict(x, batch_size=8, verbose=0)
-    np.testing.assert_allclose(logits, keras.ops.convert_to_numpy(model(x)), atol=tolerance)
+    np.testing.assert_allclose(logits, keras.ops.convert_to_numpy(model(x)), rtol=tolerance,
+                               atol=tolerance)
     logs = model.evaluate(x, y, batch_size=8, verbose=0, return_dict=True)
     assert sorted(logs) == ["error", "loss"]
     onehot = np.eye(NUM_CLASSES, dtype="float32")[y]
     expected_loss = float(keras.ops.convert_to_numpy(kl.pred_loss(logits, onehot)))
-    assert logs["loss"] == pytest.approx(expected_loss, rel=10 * tolerance)
+    assert logs["loss"] == pytest.approx(expected_loss, rel=max(1e-4, tolerance))
 
     assert logs["error"] == pytest.approx(100 * np.mean(np.argmax(logits, -1) != y))
 
