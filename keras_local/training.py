@@ -11,6 +11,7 @@ A run directory (``<save_dir>/<dataset>_<model>_<mode>_<time>``) holds:
   export/                SavedModel + ONNX + metadata of the inference network
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -63,9 +64,14 @@ def resolve_resume(config):
     return stored.replace(resume=run_dir)
 
 
-def new_run_dir(config):
+def new_run_dir(config, shared=False):
+    """A fresh run directory under ``config.save_dir``. ``shared``: the workers of a
+    multi-worker cluster must agree on it, so it has no timestamp and may exist."""
     mode = config.training_mode + ("-bio" if config.bio else "")
-    stem = f"{config.dataset}_{config.model}_{mode}_{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = f"{config.dataset}_{config.model}_{mode}"
+    if shared:
+        return os.path.join(config.save_dir, f"{stem}_multiworker")
+    stem += time.strftime("_%Y%m%d-%H%M%S")
     path = os.path.join(config.save_dir, stem)
     suffix = 1
     while os.path.exists(path):
@@ -88,6 +94,19 @@ class PreparedRun:
     train: tuple
     test: tuple
     model: keras.Model
+    strategy: object = None  # tf.distribute.Strategy on TensorFlow, else None
+
+
+def make_run_strategy(config):
+    """The tf.distribute strategy of the run (None on JAX / torch, which run on one device)."""
+    if config.backend == "tensorflow":
+        from keras_local.distribute import make_strategy
+
+        return make_strategy(config)
+    if config.strategy not in ("auto", "one") or config.placement != "none":
+        raise ValueError(f"strategy {config.strategy!r} and placement {config.placement!r} "
+                         f"need backend 'tensorflow', got {config.backend!r}")
+    return None
 
 
 def prepare(config):
@@ -98,11 +117,19 @@ def prepare(config):
     if config.model not in ARCHITECTURES:
         raise ValueError(f"unknown model {config.model!r}; choose one of {', '.join(ARCHITECTURES)}")
     info = get_dataset_info(config.dataset)
+    strategy = make_run_strategy(config)  # before any other TensorFlow op
     keras.utils.set_random_seed(config.seed)
     train, test = load_arrays(config)
-    model = build_model(config.model, info.input_shape, info.num_classes, config)
-    model.compile()
-    return PreparedRun(config=config, train=train, test=test, model=model)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        model = build_model(config.model, info.input_shape, info.num_classes, config)
+        model.compile()
+    return PreparedRun(config=config, train=train, test=test, model=model, strategy=strategy)
+
+
+def _distribute():
+    from keras_local import distribute
+
+    return distribute
 
 
 def run(config, verbose=1, export=True):
@@ -112,7 +139,14 @@ def run(config, verbose=1, export=True):
 
 def train_prepared(prepared, verbose=1, export=True):
     config, model, train, test = prepared.config, prepared.model, prepared.train, prepared.test
-    run_dir = config.resume or new_run_dir(config)
+    strategy = prepared.strategy
+    multi_worker = strategy is not None and _distribute().is_multi_worker(strategy)
+    chief = strategy is None or _distribute().is_chief(strategy)
+    run_dir = config.resume or new_run_dir(config, shared=multi_worker)
+    if not chief:
+        # Every worker trains; only the chief writes the run's shared files.
+        run_dir = _distribute().per_worker_path(run_dir, strategy)
+        export = False
     os.makedirs(run_dir, exist_ok=True)
     if not config.resume:
         write_json_atomically(os.path.join(run_dir, "config.json"), config.to_dict())
@@ -123,7 +157,10 @@ def train_prepared(prepared, verbose=1, export=True):
               f"{' (bio)' if config.bio else ''}, "
               f"{model.inference_model().count_params():,} backbone parameters")
 
-    train_ds, test_ds = make_datasets(config, train, test)
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    # config.batch_size is per replica (the similarity matrix and BatchNorm see it).
+    train_ds, test_ds = make_datasets(config.replace(batch_size=config.batch_size * replicas),
+                                      train, test)
     # BackupAndRestore last: when its epoch-end state exists, the checkpoint, CSV row and
     # TensorBoard scalars of that epoch exist too.
     callbacks = [

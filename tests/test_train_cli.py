@@ -203,3 +203,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, rng):
     saved = keras.models.load_model(path)
     assert all(np.all(np.isfinite(keras.ops.convert_to_numpy(v))) for v in saved.weights)
     assert int(saved.optimizer.iterations) == 4  # one epoch of 64 / 16
+
+
+@pytest.mark.parametrize("scale_out", [["--strategy", "mirrored"],
+                                       ["--placement", "layerwise", "--pipeline"]])
+def test_cli_scale_out_options_train(tmp_path, scale_out):
+    """The CLI wires --strategy / --placement / --pipeline to keras_local.distribute."""
+    save_dir = str(tmp_path / "runs")
+    result = train_cli("--dataset", "fashion_mnist_demo", "--model", "mlp", "--num-layers", "2",
+                       "--num-hidden", "64", "--epochs", "2", "--max-train-examples", "1024",
+                       "--save-dir", save_dir, "--quiet", "--no-export", *scale_out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = only_run_dir(save_dir)
+    config = json.load(open(os.path.join(run_dir, "config.json")))
+    assert config["strategy"] == ("mirrored" if "--strategy" in scale_out else "auto")
+    assert config["pipeline"] == ("--pipeline" in scale_out)
+    results = json.load(open(os.path.join(run_dir, "results.json")))
+    assert results["epochs_completed"] == 2 and results["test_error"] < 90.0
