@@ -5,6 +5,7 @@ Example:  python train.py --dataset cifar10 --model vgg11b
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -107,10 +108,22 @@ def config_values(args):
     return values
 
 
+def resumed_backend(run_dir):
+    """The backend a run being resumed was trained with (read before Keras is imported)."""
+    path = os.path.join(run_dir or "", "config.json")
+    if not run_dir or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as stream:
+            return json.load(stream).get("backend")
+    except (OSError, ValueError, AttributeError):
+        return None  # keras_local reports the unreadable run directory
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ["KERAS_BACKEND"] = args.backend  # before Keras is imported
+    os.environ["KERAS_BACKEND"] = resumed_backend(args.resume) or args.backend  # before Keras
     from keras_local.callbacks import NonFiniteLossError
     from keras_local.cli_errors import USER_ERRORS
     from keras_local.config import Config

@@ -8,6 +8,7 @@ pipeline (and inside the exported model), never in the stored arrays.
 import os
 import pickle
 
+import keras
 import numpy as np
 
 from keras_local.datasets import get_dataset_info
@@ -324,3 +325,84 @@ def cutout(image, length, seed):
     inside = ((rows >= centre[0] - half) & (rows < centre[0] - half + length)
               & (cols >= centre[1] - half) & (cols < centre[1] - half + length))
     return image * tf.cast(~inside, image.dtype)[:, :, None]
+
+
+# ------------------------------------------------------- NumPy pipeline (no TensorFlow)
+def tensorflow_available():
+    import importlib.util
+
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def make_numpy_datasets(config, train, test):
+    """(train, test) as ``keras.utils.PyDataset``s of NumPy batches: the same
+    normalisation and augmentation as ``make_datasets``, for machines without
+    TensorFlow (JAX or torch backends). Deterministic under ``config.seed``."""
+    info = get_dataset_info(config.dataset)
+    return (NumpyBatches(train, info, config, augment=True),
+            NumpyBatches(test, info, config.replace(batch_size=max(config.batch_size, 256)),
+                         augment=False))
+
+
+class NumpyBatches(keras.utils.PyDataset):
+    """Shuffled (or, for test, ordered) batches of normalised, augmented NumPy images."""
+
+    def __init__(self, split, info, config, augment):
+        super().__init__()
+        self.images, self.labels = split
+        self.info, self.config, self.augment = info, config, augment
+        self.epoch = 0
+        self.order = self._epoch_order()
+
+    def _epoch_order(self):
+        if not self.augment:
+            return np.arange(len(self.images))
+        rng = np.random.default_rng([self.config.seed, self.epoch])
+        if self.config.classes_per_batch:
+            return class_limited_order(self.labels, self.config.classes_per_batch,
+                                       self.config.batch_size, rng)
+        return rng.permutation(len(self.images))
+
+    def __len__(self):
+        return -(-len(self.order) // self.config.batch_size)
+
+    def __getitem__(self, index):
+        size = self.config.batch_size
+        chosen = self.order[index * size:(index + 1) * size]
+        images = normalise_numpy(self.images[chosen], self.info)
+        if self.augment:
+            rng = np.random.default_rng([self.config.seed, self.epoch, index])
+            images = augment_numpy(images, rng, self.info, self.config)
+        return images, self.labels[chosen]
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        self.order = self._epoch_order()
+
+
+def normalise_numpy(images, info):
+    mean = np.asarray(info.mean, np.float32)
+    std = np.asarray(info.std, np.float32)
+    return (images.astype(np.float32) / np.float32(255.0) - mean) / std
+
+
+def augment_numpy(images, rng, info, config):
+    """Per-example random crop after zero padding, horizontal flip and cutout."""
+    images = images.copy()
+    batch, height, width, _ = images.shape
+    if info.crop_padding:
+        pad = info.crop_padding
+        padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        offsets = rng.integers(0, 2 * pad + 1, size=(batch, 2))
+        for i, (dy, dx) in enumerate(offsets):
+            images[i] = padded[i, dy:dy + height, dx:dx + width]
+    if info.horizontal_flip:
+        flip = rng.random(batch) < 0.5
+        images[flip] = images[flip, :, ::-1]
+    if config.cutout:
+        half = config.length // 2
+        for i, (cy, cx) in enumerate(zip(rng.integers(0, height, batch),
+                                         rng.integers(0, width, batch))):
+            images[i, max(cy - half, 0):max(cy - half + config.length, 0),
+                   max(cx - half, 0):max(cx - half + config.length, 0)] = 0.0
+    return images

@@ -28,7 +28,12 @@ from keras_local.callbacks import (
     save_model_atomically,
 )
 from keras_local.config import Config
-from keras_local.data import load_arrays, make_datasets
+from keras_local.data import (
+    load_arrays,
+    make_datasets,
+    make_numpy_datasets,
+    tensorflow_available,
+)
 from keras_local.datasets import get_dataset_info
 from keras_local.model import build_model
 
@@ -116,6 +121,10 @@ def prepare(config):
         config = resolve_resume(config)
     if config.model not in ARCHITECTURES:
         raise ValueError(f"unknown model {config.model!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if keras.backend.backend() != config.backend:
+        raise ValueError(f"config.backend is {config.backend!r} but Keras runs on "
+                         f"{keras.backend.backend()!r}: set KERAS_BACKEND={config.backend} "
+                         f"before importing keras (train.py --backend does)")
     info = get_dataset_info(config.dataset)
     strategy = make_run_strategy(config)  # before any other TensorFlow op
     keras.utils.set_random_seed(config.seed)
@@ -159,8 +168,10 @@ def train_prepared(prepared, verbose=1, export=True):
 
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     # config.batch_size is per replica (the similarity matrix and BatchNorm see it).
-    train_ds, test_ds = make_datasets(config.replace(batch_size=config.batch_size * replicas),
-                                      train, test)
+    with_tensorflow = tensorflow_available()
+    pipeline = make_datasets if with_tensorflow else make_numpy_datasets
+    train_ds, test_ds = pipeline(config.replace(batch_size=config.batch_size * replicas),
+                                 train, test)
     # BackupAndRestore last: when its epoch-end state exists, the checkpoint, CSV row and
     # TensorBoard scalars of that epoch exist too.
     callbacks = [
@@ -169,9 +180,13 @@ def train_prepared(prepared, verbose=1, export=True):
         AtomicCheckpoint(os.path.join(run_dir, "checkpoints", "last.keras")),
         keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"),
                                   append=bool(config.resume)),
-        keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), write_graph=False),
         keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
     ]
+    if with_tensorflow:  # TensorBoard's writer needs TensorFlow
+        callbacks.insert(-1, keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"),
+                                                         write_graph=False))
+    elif verbose:
+        print("TensorFlow is not installed: no TensorBoard logs (history.csv has the numbers)")
     if verbose:
         callbacks.append(CompactProgbar())
     model.fit(train_ds, epochs=config.epochs, validation_data=test_ds, shuffle=False,
@@ -181,6 +196,10 @@ def train_prepared(prepared, verbose=1, export=True):
     save_model_atomically(model, os.path.join(run_dir, "model.keras"))
     result = RunResult(run_dir=run_dir, test_loss=float(scores["loss"]),
                        test_error=float(scores["error"]), epochs_completed=config.epochs)
+    if export and keras.backend.backend() != "tensorflow":
+        export = False
+        print(f"export skipped: it needs the tensorflow backend; run "
+              f"`python -m export {run_dir}` where TensorFlow is installed")
     if export:
         result.export_dir = os.path.join(run_dir, "export")
     # results.json marks the training as finished; the export can be redone with

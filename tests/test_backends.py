@@ -313,5 +313,29 @@ def test_jax_throughput_script_runs():
     assert "vgg8b 28x28x1 predsim batch 16:" in done.stdout and "images/s" in done.stdout
 
 
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_train_cli_on_backend_then_export_with_tensorflow(tmp_path, backend):
+    """train.py --backend trains end to end; the run exports from a TensorFlow process."""
+    if not _installed(backend):
+        pytest.skip(f"{backend} is not installed")
+    save_dir = tmp_path / "runs"
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), "--backend", backend, "--dataset",
+         "fashion_mnist_demo", "--model", "mlp", "--num-hidden", "64", "--epochs", "1",
+         "--max-train-examples", "1024", "--save-dir", str(save_dir), "--quiet"],
+        env=_worker_env(backend), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "export skipped: it needs the tensorflow backend" in done.stdout
+    (run_dir,) = save_dir.iterdir()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert json.loads((run_dir / "config.json").read_text())["backend"] == backend
+    assert results["test_error"] < 90.0
+    exported = subprocess.run(
+        [sys.executable, "-m", "export", str(run_dir), "--out", str(tmp_path / "export")],
+        env=_worker_env("tensorflow"), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert (tmp_path / "export" / "model.onnx").is_file()
+
+
 if __name__ == "__main__":
     run_worker(sys.argv[1])

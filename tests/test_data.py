@@ -108,3 +108,20 @@ def test_cutout_square_is_clipped_at_borders():
     holes = [int((data.cutout(image, 4, tf.constant([s, 0], tf.int64)).numpy() == 0).sum())
              for s in range(20)]
     assert max(holes) == 16 and min(holes) >= 4
+
+
+def test_numpy_pipeline_matches_tf_data_normalisation_and_augments():
+    """The pipeline used where TensorFlow is missing (JAX / torch machines)."""
+    config = kl.Config(dataset="fashion_mnist_demo", batch_size=64, cutout=True, length=8)
+    train, test = data.load_arrays(config)
+    train_batches, test_batches = data.make_numpy_datasets(config, train, test)
+    x_test, y_test = test_batches[0]
+    np.testing.assert_allclose(x_test, (test[0][:256] / 255.0 - 0.286) / 0.353, atol=1e-5)
+    np.testing.assert_array_equal(y_test, test[1][:256])
+    x_train, y_train = train_batches[0]
+    assert x_train.shape == (64, 28, 28, 1) and len(train_batches) == 125
+    assert (x_train == 0.0).sum() >= 64 * 16  # cutout holes after normalisation
+    again = data.make_numpy_datasets(config, train, test)[0][0][0]
+    np.testing.assert_array_equal(x_train, again)  # deterministic under the seed
+    train_batches.on_epoch_end()
+    assert not np.array_equal(train_batches[0][1], y_train)  # reshuffled each epoch
