@@ -1,0 +1,164 @@
+"""Training throughput (images/s) of the scale-out modes on logical CPU devices.
+
+    python benchmarks/scaling.py            # 2 rounds of 7 rows: about 5 minutes
+    python benchmarks/scaling.py --quick    # the 4 main rows, a few steps each: a smoke test
+
+Rows (each in a fresh process, since logical devices and thread pools are fixed when
+TensorFlow starts):
+
+  one device            the plain step (keras_local.tf_step), 1 logical CPU device
+  mirrored, 2 devices   MirroredStrategy over 2 logical CPU devices, 128 per replica
+  layerwise, 2 devices  blocks on 2 devices, the plain (sequential) step
+  pipeline, 2 devices   blocks on 2 devices, decoupled pipelined step
+  pipeline, 4 devices   blocks on 4 devices, decoupled pipelined step
+
+Fairness on a 2-core machine: every logical device gets one intra-op thread (each op
+runs single-threaded) and the runtime gets one inter-op thread per device (that many
+ops may run at once), so N devices compute on at most N threads at once. Two reference rows show the
+one-device step with the whole machine: two intra-op threads, and XLA (which
+placement and strategies cannot use).
+
+Model: the 4-block MLP of the paper's Fashion-MNIST recipe width (mlp, num_layers=4,
+num_hidden=1024, predsim, Adam, no dropout), 28x28x1 inputs, batch 128 per replica,
+synthetic data (throughput does not depend on the values). "cores used" is the process's
+CPU time over wall time while timing. Other processes on the same cores distort the
+numbers: each row keeps its best timed window over all rounds, and the load average is
+printed with every measurement.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROWS = [
+    # name, devices, mode, intra-op threads per device, XLA, in --quick
+    ("one device", 1, "one", 1, False, True),
+    ("mirrored, 2 devices", 2, "mirrored", 1, False, True),
+    ("layerwise, 2 devices", 2, "layerwise", 1, False, False),
+    ("pipeline, 2 devices", 2, "pipeline", 1, False, True),
+    ("pipeline, 4 devices", 4, "pipeline", 1, False, True),
+    ("ref: one device, 2 threads", 1, "one", 2, False, False),
+    ("ref: one device, 2 threads, XLA", 1, "one", 2, True, False),
+]
+BATCH = 128
+
+
+def measure(devices, mode, intra, xla, steps, warmup, repeats):
+    """Images/s of one configuration (runs in a fresh process)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(devices)])
+    # Logical CPU devices share the process's thread pools: `intra` threads per op, and
+    # as many ops at once as there are devices.
+    tf.config.threading.set_intra_op_parallelism_threads(intra)
+    tf.config.threading.set_inter_op_parallelism_threads(devices)
+
+    import keras
+    import numpy as np
+
+    import keras_local as kl
+    from keras_local.distribute import make_strategy
+
+    config = kl.Config(
+        model="mlp", num_layers=4, num_hidden=1024, dropout=0.0, optim="adam", lr=5e-4,
+        jit_compile=xla,
+        strategy="mirrored" if mode == "mirrored" else "one",
+        placement="layerwise" if mode in ("layerwise", "pipeline") else "none",
+        pipeline=mode == "pipeline")
+    strategy = make_strategy(config)
+    global_batch = BATCH * strategy.num_replicas_in_sync
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(global_batch, 28, 28, 1)).astype("float32")
+    y = rng.integers(0, 10, global_batch).astype("int32")
+    dataset = tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(2)
+    with strategy.scope():
+        model = kl.build_model("mlp", (28, 28, 1), 10, config)
+        model.compile(jit_compile=xla)
+    model.fit(dataset, epochs=1, steps_per_epoch=warmup, verbose=0)
+    rates, cores = [], []
+    for _ in range(repeats):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
+        wall = time.perf_counter() - start
+        rates.append(steps * global_batch / wall)
+        cores.append((time.process_time() - cpu_start) / wall)
+    best = int(np.argmax(rates))
+    keras.backend.clear_session()
+    return {"images_per_s": rates[best], "cores_used": cores[best], "all": rates,
+            "global_batch": global_batch}
+
+
+def run_row(row, args):
+    name = row[0]
+    command = [sys.executable, os.path.abspath(__file__), "--row", json.dumps(row),
+               "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--repeats", str(args.repeats)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+    env.pop("TF_CONFIG", None)
+    proc = subprocess.run(command, capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"row {name!r} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps per row (seconds)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per repeat")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (trace, fill)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed windows; best is kept")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="run the whole list this many times, keep each row's best")
+    parser.add_argument("--row", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    # Many short timed windows, best kept: on cores shared with other jobs the best
+    # window is the one least disturbed by them.
+    args.steps = args.steps or (5 if args.quick else 15)
+    args.warmup = args.warmup or (3 if args.quick else 10)
+    args.repeats = args.repeats or (2 if args.quick else 8)
+
+    if args.row is not None:
+        _, devices, mode, intra, xla, _ = json.loads(args.row)
+        result = measure(devices, mode, intra, xla, args.steps, args.warmup, args.repeats)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    load_before = os.getloadavg()
+    print(f"4-block MLP (1024 units, predsim, Adam), batch {BATCH} per replica; "
+          f"best of {args.repeats} windows of {args.steps} steps x {1 if args.quick else args.rounds} "
+          f"rounds, {args.warmup} warm-up; "
+          f"{os.cpu_count()} cores; load average before: "
+          + " ".join(f"{v:.2f}" for v in load_before), flush=True)
+    rows = [row for row in ROWS if row[5] or not args.quick]
+    rounds = 1 if args.quick else args.rounds
+    best = {}
+    for round_index in range(rounds):
+        for row in rows:
+            result = run_row(row, args)
+            if row[0] not in best or result["images_per_s"] > best[row[0]]["images_per_s"]:
+                best[row[0]] = result
+            print(f"  round {round_index + 1}/{rounds}: {row[0]}: "
+                  f"{result['images_per_s']:.0f} images/s, {result['cores_used']:.2f} cores; "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"{'configuration':34s} {'devices x threads':>17s} {'images/s':>9s} "
+          f"{'vs one device':>13s} {'cores used':>10s}")
+    baseline = best[rows[0][0]]["images_per_s"]
+    for name, devices, mode, intra, xla, in_quick in rows:
+        rate = best[name]["images_per_s"]
+        print(f"{name:34s} {f'{devices} x {intra}':>17s} {rate:9.0f} {rate / baseline:12.2f}x "
+              f"{best[name]['cores_used']:10.2f}")
+    load_after = os.getloadavg()
+    print("load average after: " + " ".join(f"{v:.2f}" for v in load_after))
+
+
+if __name__ == "__main__":
+    main()
