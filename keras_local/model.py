@@ -119,7 +119,14 @@ class LocalModel(keras.Model):
         return keras.Model(inputs, outputs, name=f"{self.architecture}_inference")
 
     def compile(self, optimizer=None, jit_compile=None, **kwargs):
-        """Keras compile with the config's optimiser and XLA choice as defaults."""
+        """Keras compile with the config's optimiser and XLA choice as defaults.
+
+        On TensorFlow, XLA compiles only the optimiser update of the train step
+        (``xla_update``, see ``keras_local.tf_step``), never the whole step: compiled
+        whole, XLA ignores the block order that lets local training free each block's
+        activations (vgg19 predsim then needed as much memory as backprop), and its CPU
+        convolutions were slower than TensorFlow's (benchmarks/throughput.py).
+        """
         if optimizer is None:
             optimizer = make_optimizer(self.config)
         if jit_compile is None:
@@ -129,7 +136,11 @@ class LocalModel(keras.Model):
                 from keras_local.distribute import xla_allowed
 
                 jit_compile = xla_allowed(self.config)  # not under a strategy or placement
-        super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
+        self.xla_update = bool(jit_compile) and keras.backend.backend() == "tensorflow"
+        super().compile(optimizer=optimizer,
+                        jit_compile=False if self.xla_update else jit_compile, **kwargs)
+        if self.xla_update:  # what compile_from_config restores
+            self._compile_config.config["jit_compile"] = True
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """TensorFlow trainer hook. Under a strategy Keras 3.15 first all-reduces a data

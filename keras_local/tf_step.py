@@ -19,8 +19,26 @@ def train_step(model, inputs, labels_onehot):
         logits, grads, variables = _global_gradients(model, inputs, labels_onehot, replica_scale)
     else:
         logits, grads, variables = _local_gradients(model, inputs, labels_onehot, replica_scale)
-    model.optimizer.apply(model.with_weight_decay(grads, variables), variables)
+    if getattr(model, "xla_update", False):
+        _xla_apply(model, grads, variables)
+    else:
+        model.optimizer.apply(model.with_weight_decay(grads, variables), variables)
     return logits
+
+
+def _xla_apply(model, grads, variables):
+    """The optimiser update (weight decay, Adam/SGD) as one XLA-compiled function.
+
+    Only the update is compiled: the blocks run on TensorFlow's own (oneDNN) kernels,
+    which were faster here than XLA's convolutions and dense layers, and in block order
+    (``_local_gradients``); the update is a dozen small element-wise ops per variable
+    that XLA fuses into one pass over the weights.
+    """
+    def apply(grads):
+        model.optimizer.apply(model.with_weight_decay(grads, variables), variables)
+        return tf.constant(0)
+
+    return tf.function(apply, jit_compile=True)(grads)
 
 
 def _global_gradients(model, inputs, labels_onehot, replica_scale):
@@ -50,7 +68,11 @@ def _local_gradients(model, inputs, labels_onehot, replica_scale):
 
     Block k+1's forward pass waits (control dependency) for block k's gradients, so
     the runtime can free block k's activations before the next ones exist: memory
-    then holds about one block's activations, not the whole network's.
+    then holds about one block's activations, not the whole network's. The graph
+    executor honours this; XLA drops control edges between pure ops: compiled whole,
+    the vgg19 predsim step (32x32x3, batch 128) peaked 622 MiB above its baseline,
+    as much as backprop (600 MiB), with or without an XLA OptimizationBarrier, against
+    256 MiB here. ``LocalModel.compile`` therefore XLA-compiles only the update.
     """
     all_grads, all_variables = [], []
     h = inputs

@@ -1,0 +1,277 @@
+#!/usr/bin/env python
+"""Peak memory of one training step, local predsim vs backprop, against depth.
+
+    python benchmarks/memory.py                   # vgg8b vgg11b vgg13 vgg16 vgg19
+    python benchmarks/memory.py --xla step        # the whole step under XLA, for comparison
+    python benchmarks/memory.py --quick           # seconds (tests): vgg8b on 16x16x3
+
+Every (model, mode) runs in its own subprocess on 32x32x3 inputs at batch 128 (the
+CIFAR-10 vgg recipe options: dropout 0.2, leakyrelu, dim_in_decoder 2048). The child
+builds the model, runs two training steps (the first traces and compiles), and takes
+its baseline there: the bytes the TensorFlow allocator holds between steps (weights,
+BatchNorm statistics, optimiser slots). It then resets the allocator's statistics and
+runs one more step; the result is that step's peak bytes in use above the baseline
+(``tf.config.experimental.get_memory_info`` on "GPU:0", or on "CPU:0").
+
+Why not the process's RSS on CPU: TensorFlow's CPU allocator here (oneDNN builds:
+MklCPUAllocator) is a BFC pool that never returns memory to the kernel, so after the
+first step the RSS stays at the first step's peak (plus XLA/graph compilation memory)
+and a later step's peak cannot be seen in it. The allocator's own statistics count every
+tensor and XLA buffer of the step. Where an allocator keeps no statistics the child falls
+back to peak RSS: VmHWM reset through /proc/self/clear_refs ("5"), or VmRSS sampled every
+millisecond, with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors go back to the
+kernel. The JSON also records the process's RSS after build and its overall peak RSS.
+
+Prints a table (peak above baseline, MiB, both modes, local/backprop ratio), writes JSON
+(``--json``) and a PNG plot of peak memory against the number of conv layers (``--plot``).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+MODELS = ("vgg8b", "vgg11b", "vgg13", "vgg16", "vgg19")
+MODES = ("predsim", "backprop")
+RECIPE = dict(dropout=0.2, nonlin="leakyrelu", dim_in_decoder=2048)
+MIB = 1024 * 1024
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--xla", default="update", choices=("update", "none", "step"),
+                   help="update: XLA-compiled optimiser update (LocalModel's default); "
+                        "none: no XLA; step: the whole train step under XLA")
+    p.add_argument("--steps", type=int, default=1, help="measured steps after the baseline")
+    p.add_argument("--json", default="docs/memory.json")
+    p.add_argument("--plot", default="docs/memory_vs_depth.png", help="PNG; '' for none")
+    p.add_argument("--quick", action="store_true",
+                   help="seconds: vgg8b only on 16x16x3 at batch 8, no XLA, no plot")
+    p.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.batch_size, args.image_size = ["vgg8b"], 8, 16
+        args.xla = "none"
+        args.plot = ""
+    return args
+
+
+# --------------------------------------------------------------------- child
+def _status_kib(field):
+    with open("/proc/self/status") as stream:
+        for line in stream:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss():
+    """True when the kernel's peak-RSS mark (VmHWM) was reset to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as stream:
+            stream.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class _RssSampler:
+    """Fallback: the largest VmRSS seen by a thread polling every millisecond."""
+
+    def __enter__(self):
+        self.peak_kib = _status_kib("VmRSS")
+        self.running = True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self):
+        while self.running:
+            self.peak_kib = max(self.peak_kib, _status_kib("VmRSS"))
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def _release_free_memory():
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def child(model_name, mode, args):
+    """Measure one configuration in this process; prints one JSON line."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_local.config import Config
+    from keras_local.model import build_model
+
+    config = Config(model=model_name, batch_size=args.batch_size,
+                    jit_compile=args.xla != "none", backprop=mode == "backprop", **RECIPE)
+    keras.utils.set_random_seed(config.seed)
+    shape = (args.image_size, args.image_size, 3)
+    model = build_model(model_name, shape, 10, config)
+    if args.xla == "step":
+        model.compile(jit_compile=False)
+        model.jit_compile = True  # Keras compiles its whole train function with XLA
+    else:
+        model.compile(jit_compile=args.xla == "update")
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((args.batch_size,) + shape).astype("float32")
+    labels = rng.integers(0, 10, args.batch_size).astype("int32")
+    iterator = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
+    model.make_train_function()
+
+    def step():
+        logs = model.train_function(iterator)
+        return {k: float(v) for k, v in logs.get_value().items()} if hasattr(
+            logs, "get_value") else {k: float(v) for k, v in logs.items()}
+
+    rss_after_build = _status_kib("VmRSS") / 1024
+    for _ in range(2):  # trace + compile, then one ordinary step
+        step()
+    gpus = tf.config.list_physical_devices("GPU")
+    device = "GPU:0" if gpus else "CPU:0"
+    result = {"model": model_name, "mode": mode, "xla": args.xla,
+              "batch_size": args.batch_size, "input_shape": list(shape),
+              "conv_layers": sum(1 for layer in model.local_blocks if layer.kind == "conv"),
+              "parameters": model.count_params(), "device": gpus[0].name if gpus else "CPU",
+              "rss_after_build_mib": rss_after_build}
+    _release_free_memory()
+    try:
+        tf.config.experimental.reset_memory_stats(device)
+        baseline = tf.config.experimental.get_memory_info(device)["current"]
+        for _ in range(args.steps):
+            step()
+        peak = tf.config.experimental.get_memory_info(device)["peak"]
+        result.update(method="TensorFlow allocator peak (get_memory_info)",
+                      baseline_mib=baseline / MIB, peak_mib=peak / MIB)
+    except (ValueError, RuntimeError):  # an allocator without statistics: peak RSS
+        baseline_kib = _status_kib("VmRSS")
+        if _reset_peak_rss():
+            for _ in range(args.steps):
+                step()
+            peak_kib, method = _status_kib("VmHWM"), "peak RSS (VmHWM after clear_refs)"
+        else:
+            with _RssSampler() as sampler:
+                for _ in range(args.steps):
+                    step()
+            peak_kib, method = sampler.peak_kib, "peak RSS (VmRSS sampled every 1 ms)"
+        result.update(method=method, baseline_mib=baseline_kib / 1024,
+                      peak_mib=peak_kib / 1024)
+    result["process_peak_rss_mib"] = _status_kib("VmHWM") / 1024
+    result["peak_above_baseline_mib"] = result["peak_mib"] - result["baseline_mib"]
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------- parent
+def measure(model_name, mode, args):
+    command = [sys.executable, os.path.abspath(__file__), "--child", model_name, mode,
+               "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
+               "--steps", str(args.steps), "--xla", args.xla]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow",
+               MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{model_name} {mode} failed (exit {done.returncode}):\n"
+                       f"{done.stderr[-3000:]}")
+
+
+def plot(results, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for mode, colour in (("predsim", "tab:blue"), ("backprop", "tab:orange")):
+        rows = sorted((r for r in results if r["mode"] == mode), key=lambda r: r["conv_layers"])
+        if not rows:
+            continue
+        ax.plot([r["conv_layers"] for r in rows], [r["peak_above_baseline_mib"] for r in rows],
+                "-o", color=colour, label="local predsim" if mode == "predsim" else mode)
+        for r in rows:
+            ax.annotate(r["model"], (r["conv_layers"], r["peak_above_baseline_mib"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("conv layers")
+    ax.set_ylabel("peak memory of one step above baseline (MiB)")
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.child:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        child(*args.child, args)
+        return 0
+    results = []
+    for model_name in args.models:
+        for mode in args.modes:
+            results.append(measure(model_name, mode, args))
+            r = results[-1]
+            print(f"  {model_name} {mode}: {r['peak_above_baseline_mib']:.0f} MiB",
+                  file=sys.stderr, flush=True)
+
+    print(f"{'model':<8}{'conv layers':>12}{'predsim MiB':>13}{'backprop MiB':>14}"
+          f"{'predsim/backprop':>18}")
+    summary = []
+    for model_name in args.models:
+        by_mode = {r["mode"]: r["peak_above_baseline_mib"]
+                   for r in results if r["model"] == model_name}
+        layers = next(r["conv_layers"] for r in results if r["model"] == model_name)
+        ratio = (by_mode["predsim"] / by_mode["backprop"]
+                 if {"predsim", "backprop"} <= set(by_mode) and by_mode["backprop"] > 0
+                 else None)
+        summary.append({"model": model_name, "conv_layers": layers, **{
+            f"{mode}_mib": value for mode, value in by_mode.items()}, "ratio": ratio})
+        cells = [f"{by_mode[m]:.0f}" if m in by_mode else "-" for m in MODES]
+        print(f"{model_name:<8}{layers:>12}{cells[0]:>13}{cells[1]:>14}"
+              f"{'-' if ratio is None else f'{ratio:.2f}':>18}")
+    device, method = results[0]["device"], results[0]["method"]
+    print(f"peak above the baseline after build + 2 steps; {device}, {method}, batch "
+          f"{args.batch_size}, {args.image_size}x{args.image_size}x3, XLA: {args.xla}")
+
+    payload = {"device": device, "method": method, "xla": args.xla,
+               "batch_size": args.batch_size, "image_size": args.image_size,
+               "recipe": RECIPE, "results": results, "summary": summary}
+    if os.path.dirname(args.json):
+        os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as stream:
+        json.dump(payload, stream, indent=2)
+    print(f"wrote {args.json}")
+    if args.plot:
+        if os.path.dirname(args.plot):
+            os.makedirs(os.path.dirname(args.plot), exist_ok=True)
+        plot(results, args.plot, f"one training step, batch {args.batch_size}, "
+             f"{args.image_size}x{args.image_size}x3, {device}, XLA: {args.xla}")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The benchmark scripts run end to end with --quick; checks output format, not speed."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.tensorflow_only
+
+
+def run_script(name, *args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_throughput_quick(tmp_path):
+    out = tmp_path / "throughput.json"
+    stdout = run_script("throughput.py", "--quick", "--xla", "update", "none",
+                        "--check-xla", "--json", str(out))
+    assert "model   input     mode      xla     precision" in stdout
+    assert "predsim/backprop time" in stdout and "float32 matmul peak" in stdout
+    assert "no XLA vs XLA, 3 steps" in stdout
+    payload = json.loads(out.read_text())
+    assert {"hardware", "matmul_peak_gflops", "results", "ratios", "options",
+            "xla_checks"} <= set(payload)
+    assert {(r["mode"], r["xla"]) for r in payload["results"]} == {
+        (mode, xla) for mode in ("predsim", "backprop") for xla in ("update", "none")}
+    for result in payload["results"]:
+        assert {"model", "images_per_s", "step_ms", "step_macs", "gflops",
+                "fraction_of_peak", "window_images_per_s"} <= set(result)
+        assert result["images_per_s"] > 0
+    ratio = payload["ratios"][0]
+    assert ratio["model"] == "mlp" and ratio["time_ratio"] > 0 and ratio["macs_ratio"] > 1
+    for check in payload["xla_checks"]:  # the XLA-compiled update equals the plain one
+        assert check["xla"] == "update" and check["loss_plain"] == check["loss_xla"]
+        assert check["max_weight_diff"] < 0.05 * check["max_update"]
+
+
+def test_throughput_unknown_backend_step_fails_clearly(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--quick",
+         "--backend", "nonsense"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+def test_step_macs_count_heads_and_similarity():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from throughput import count_step_macs
+    finally:
+        sys.path.pop(0)
+    from keras_local.config import Config
+    from keras_local.model import build_model
+
+    local = build_model("mlp", (4, 4, 1), 10, Config(model="mlp", num_layers=1, num_hidden=8))
+    backprop = build_model("mlp", (4, 4, 1), 10,
+                           Config(model="mlp", num_layers=1, num_hidden=8, backprop=True))
+    b = 2
+    macs = count_step_macs(local, b)
+    assert macs["encoders"] == b * 16 * 8 and macs["output"] == b * 8 * 10
+    assert macs["heads"] == b * 8 * 10 + b * 8 * 8  # pred Dense + sim Dense
+    assert macs["similarity"] == b * b * 8 + b * b * 10
+    assert macs["step"] == (2 * macs["encoders"] + 3 * (macs["heads"] + macs["similarity"])
+                            + 2 * macs["output"])
+    plain = count_step_macs(backprop, b)
+    assert plain["heads"] == plain["similarity"] == 0
+    assert plain["step"] == 2 * plain["encoders"] + 3 * plain["output"]
+
+
+def test_memory_quick(tmp_path):
+    out = tmp_path / "memory.json"
+    stdout = run_script("memory.py", "--quick", "--json", str(out))
+    assert "model    conv layers  predsim MiB  backprop MiB  predsim/backprop" in stdout
+    payload = json.loads(out.read_text())
+    assert {"device", "method", "results", "summary", "xla"} <= set(payload)
+    assert {(r["model"], r["mode"]) for r in payload["results"]} == {
+        ("vgg8b", "predsim"), ("vgg8b", "backprop")}
+    for result in payload["results"]:
+        assert {"baseline_mib", "peak_mib", "peak_above_baseline_mib", "conv_layers"} <= set(
+            result)
+        assert result["peak_mib"] >= result["baseline_mib"] > 0
+    assert payload["summary"][0]["conv_layers"] == 6
+
+
+def test_memory_plot(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from memory import plot
+    finally:
+        sys.path.pop(0)
+    results = [{"model": m, "mode": mode, "conv_layers": n, "peak_above_baseline_mib": v}
+               for m, n in (("vgg8b", 6), ("vgg19", 16))
+               for mode, v in (("predsim", 10.0), ("backprop", 20.0))]
+    path = tmp_path / "memory.png"
+    plot(results, str(path), "test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_accuracy_quick(tmp_path):
+    prefix = tmp_path / "curves"
+    stdout = run_script("accuracy.py", "--quick", "--no-jit", "--out", str(prefix))
+    assert "mode       epochs  final test error %" in stdout
+    with open(f"{prefix}.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [(r["mode"], r["epoch"]) for r in rows] == [("predsim", "1"), ("backprop", "1")]
+    assert {"train_error", "test_error", "train_loss", "test_loss", "lr"} <= set(rows[0])
+    assert 0 <= float(rows[0]["test_error"]) <= 100
+    summary = json.loads(open(f"{prefix}.json").read())
+    assert set(summary["modes"]) == {"predsim", "backprop"}
+    assert open(f"{prefix}.png", "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_inference_quick(tmp_path):
+    out = tmp_path / "inference.json"
+    stdout = run_script("inference.py", "--quick", "--json", str(out))
+    assert "latency b=1 ms" in stdout and "img/s b=16" in stdout
+    payload = json.loads(out.read_text())
+    runners = {r["runner"] for r in payload["results"]}
+    assert runners == {"onnxruntime", "keras predict", "keras predict_on_batch", "keras call"}
+    assert {r["batch"] for r in payload["results"]} == {1, 16}
+    assert all(r["median_ms"] > 0 for r in payload["results"])
