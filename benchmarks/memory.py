@@ -152,7 +152,9 @@ def child(model_name, mode, args):
     result = {"model": model_name, "mode": mode, "xla": args.xla,
               "batch_size": args.batch_size, "input_shape": list(shape),
               "conv_layers": sum(1 for layer in model.local_blocks if layer.kind == "conv"),
-              "parameters": model.count_params(), "device": gpus[0].name if gpus else "CPU",
+              "parameters": model.count_params(),
+              "trainable_mib": sum(v.numpy().nbytes for v in model.trainable_variables) / MIB,
+              "device": gpus[0].name if gpus else "CPU",
               "rss_after_build_mib": rss_after_build}
     _release_free_memory()
     try:
@@ -197,26 +199,34 @@ def measure(model_name, mode, args):
 
 
 def plot(results, path, title):
+    """Grouped bars per model (in order of depth): peak above baseline, both modes,
+    with the predsim/backprop ratio above each pair."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    models = sorted(dict.fromkeys(r["model"] for r in results),
+                    key=lambda m: next(r["conv_layers"] for r in results if r["model"] == m))
+    value = {(r["model"], r["mode"]): r["peak_above_baseline_mib"] for r in results}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for mode, colour in (("predsim", "tab:blue"), ("backprop", "tab:orange")):
-        rows = sorted((r for r in results if r["mode"] == mode), key=lambda r: r["conv_layers"])
-        if not rows:
-            continue
-        ax.plot([r["conv_layers"] for r in rows], [r["peak_above_baseline_mib"] for r in rows],
-                "-o", color=colour, label="local predsim" if mode == "predsim" else mode)
-        for r in rows:
-            ax.annotate(r["model"], (r["conv_layers"], r["peak_above_baseline_mib"]),
-                        textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("conv layers")
-    ax.set_ylabel("peak memory of one step above baseline (MiB)")
-    ax.set_title(title)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
+    width = 0.38
+    for offset, mode, colour in ((-width / 2, "predsim", "tab:blue"),
+                                 (width / 2, "backprop", "tab:orange")):
+        xs = [i + offset for i, m in enumerate(models) if (m, mode) in value]
+        ys = [value[(m, mode)] for m in models if (m, mode) in value]
+        ax.bar(xs, ys, width, color=colour,
+               label="local predsim" if mode == "predsim" else "backprop")
+    for i, m in enumerate(models):
+        if (m, "predsim") in value and (m, "backprop") in value and value[(m, "backprop")]:
+            top = max(value[(m, "predsim")], value[(m, "backprop")])
+            ax.annotate(f"{value[(m, 'predsim')] / value[(m, 'backprop')]:.2f}x", (i, top),
+                        textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+    layers = {r["model"]: r["conv_layers"] for r in results}
+    ax.set_xticks(range(len(models)), [f"{m}\n{layers[m]} conv" for m in models])
+    ax.set_ylabel("peak of one step above baseline (MiB)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -267,8 +277,10 @@ def main(argv=None):
     if args.plot:
         if os.path.dirname(args.plot):
             os.makedirs(os.path.dirname(args.plot), exist_ok=True)
+        xla = {"update": "XLA: update only (default)", "none": "no XLA",
+               "step": "XLA: whole step"}[args.xla]
         plot(results, args.plot, f"one training step, batch {args.batch_size}, "
-             f"{args.image_size}x{args.image_size}x3, {device}, XLA: {args.xla}")
+             f"{args.image_size}x{args.image_size}x3, {device}, {xla}")
         print(f"wrote {args.plot}")
     return 0
 

@@ -389,13 +389,15 @@ def hardware():
 
 def print_table(results, rows, peak, load):
     print(f"{'model':<8}{'input':<10}{'mode':<10}{'xla':<8}{'precision':<16}{'ms/step':>10}"
-          f"{'images/s':>10}{'GMAC/step':>11}{'GFLOP/s':>9}{'% peak':>8}")
+          f"{'images/s':>10}{'best':>9}{'GMAC/step':>11}{'GFLOP/s':>9}{'% peak':>8}")
     for r in results:
         shape = "x".join(str(d) for d in r["input_shape"])
         fraction = "" if r["fraction_of_peak"] is None else f"{100 * r['fraction_of_peak']:.0f}"
         print(f"{r['model']:<8}{shape:<10}{r['mode']:<10}{r['xla']:<8}"
               f"{r['precision']:<16}{r['step_ms']:>10.1f}{r['images_per_s']:>10.1f}"
+              f"{max(r['window_images_per_s']):>9.1f}"
               f"{r['step_macs']['step'] / 1e9:>11.1f}{r['gflops']:>9.1f}{fraction:>8}")
+    print("images/s: median over the timed windows; best: the fastest window")
     if rows:
         print()
         print(f"{'model':<8}{'xla':<8}{'predsim/backprop time':>23}{'predsim/backprop MACs':>23}")
