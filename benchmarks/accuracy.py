@@ -21,6 +21,7 @@ import csv
 import json
 import os
 import sys
+import tempfile
 import time
 
 CSV_FIELDS = ("mode", "epoch", "lr", "train_loss", "train_error", "test_loss", "test_error",
@@ -46,8 +47,9 @@ def parse_args(argv):
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-jit", action="store_true", help="do not compile the step with XLA")
-    p.add_argument("--out", default="docs/accuracy",
-                   help="output prefix: OUT.csv, OUT.png, OUT.json")
+    p.add_argument("--out", default=None,
+                   help="output prefix: OUT.csv, OUT.png, OUT.json (default docs/accuracy; "
+                        "--quick: the temp directory)")
     p.add_argument("--replot", action="store_true",
                    help="only redraw OUT.png from an existing OUT.csv and OUT.json")
     p.add_argument("--quick", action="store_true",
@@ -57,6 +59,9 @@ def parse_args(argv):
         args.dataset, args.data_dir, args.model = "fashion_mnist_demo", None, "mlp"
         args.num_layers, args.num_hidden, args.epochs = 2, 64, 1
         args.max_train_examples, args.lr_decay_milestones = 512, [1]
+    if args.out is None:
+        args.out = (os.path.join(tempfile.gettempdir(), "keras_local_accuracy_quick")
+                    if args.quick else "docs/accuracy")
     return args
 
 

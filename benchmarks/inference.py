@@ -45,12 +45,16 @@ def parse_args(argv):
     p.add_argument("--seconds", type=float, default=3.0,
                    help="time spent per (model, runner, batch)")
     p.add_argument("--num-hidden", type=int, default=None, help="override the mlp width")
-    p.add_argument("--json", default="docs/inference.json")
+    p.add_argument("--json", default=None,
+                   help="default docs/inference.json (--quick: the temp directory)")
     p.add_argument("--quick", action="store_true",
                    help="seconds: mlp 2x64 only, batches 1 and 16, short timing")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.num_hidden, args.batch, args.seconds = ["mlp"], 64, [1, 16], 0.3
+    if args.json is None:
+        args.json = (os.path.join(tempfile.gettempdir(), "keras_local_inference_quick.json")
+                     if args.quick else "docs/inference.json")
     return args
 
 

@@ -23,7 +23,7 @@ millisecond, with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors go back to 
 kernel. The JSON also records the process's RSS after build and its overall peak RSS.
 
 Prints a table (peak above baseline, MiB, both modes, local/backprop ratio), writes JSON
-(``--json``) and a PNG plot of peak memory against the number of conv layers (``--plot``).
+(``--json``) and a PNG bar chart of both modes per model, in order of depth (``--plot``).
 """
 
 import argparse
@@ -31,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -51,7 +52,8 @@ def parse_args(argv):
                    help="update: XLA-compiled optimiser update (LocalModel's default); "
                         "none: no XLA; step: the whole train step under XLA")
     p.add_argument("--steps", type=int, default=1, help="measured steps after the baseline")
-    p.add_argument("--json", default="docs/memory.json")
+    p.add_argument("--json", default=None,
+                   help="default docs/memory.json (--quick: the temp directory)")
     p.add_argument("--plot", default="docs/memory_vs_depth.png", help="PNG; '' for none")
     p.add_argument("--quick", action="store_true",
                    help="seconds: vgg8b only on 16x16x3 at batch 8, no XLA, no plot")
@@ -61,6 +63,9 @@ def parse_args(argv):
         args.models, args.batch_size, args.image_size = ["vgg8b"], 8, 16
         args.xla = "none"
         args.plot = ""
+    if args.json is None:
+        args.json = (os.path.join(tempfile.gettempdir(), "keras_local_memory_quick.json")
+                     if args.quick else "docs/memory.json")
     return args
 
 

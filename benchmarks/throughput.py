@@ -15,12 +15,15 @@ plus Keras's per-step loop, the same step train.py runs. After warm-up (tracing,
 compilation) every window is one ``fit`` epoch of enough steps for ``--window-seconds``;
 images/s is the median over windows.
 
-XLA (``--xla``, TensorFlow): ``update`` (the default, ``--jit``) is what
-``LocalModel.compile`` does with ``Config.jit_compile=True``: the optimiser update is
-XLA-compiled, the blocks run on TensorFlow's kernels; ``none`` (``--no-jit``) compiles
-nothing; ``step`` XLA-compiles the whole Keras train step (Keras's own jit_compile).
-Several choices are measured window by window in turn, so a change of load on a shared
-machine hits them alike. ``--check-xla`` trains each model 3 steps without XLA and with
+XLA (``--xla``, TensorFlow): ``update`` XLA-compiles only the optimiser update, the
+blocks run on TensorFlow's kernels in block order; ``step`` XLA-compiles the whole Keras
+train step (Keras's own jit_compile); ``none`` (``--no-jit``) compiles nothing; ``auto``
+(the default, ``--jit``) is what ``LocalModel.compile`` does with
+``Config.jit_compile=True``: ``update`` for networks with conv blocks, ``step`` for
+dense-only ones (the result column ``xla_resolved`` says which). On the JAX backend every
+choice but ``none`` means jax.jit of the whole step; on torch the choice is ignored
+(LocalModel leaves torch.compile off). Several choices are
+measured window by window in turn, so a change of load on a shared machine hits them alike. ``--check-xla`` trains each model 3 steps without XLA and with
 each XLA choice from the same weights and prints the largest differences.
 
 Next to the measured times the script prints the multiply-adds (MACs) of one training
@@ -29,7 +32,7 @@ matrices, output layer, forward and backward), the predsim/backprop step-time ra
 next to their arithmetic ratio, and the fraction of this machine's float32 matmul peak
 (a ``tf.matmul`` loop, measured here) that each step reaches.
 
-Writes a JSON file (``--json``, default docs/throughput.json).
+Writes a JSON file (``--json``, default docs/throughput.json; --quick: the temp dir).
 """
 
 import argparse
@@ -39,6 +42,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 # name -> (builder, input shape, recipe options); the recipes of REFERENCE.md section 5.
@@ -50,7 +54,7 @@ MODELS = {
                                            dim_in_decoder=2048)),
 }
 MODES = ("predsim", "backprop")
-XLA_CHOICES = ("update", "none", "step")
+XLA_CHOICES = ("auto", "update", "none", "step")
 NUM_CLASSES = 10
 
 
@@ -61,11 +65,12 @@ def parse_args(argv):
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--batch-size", type=int, default=128)
     xla = p.add_mutually_exclusive_group()
-    xla.add_argument("--xla", nargs="+", default=["update"], choices=XLA_CHOICES,
-                     help="update: XLA-compiled optimiser update (LocalModel default); "
+    xla.add_argument("--xla", nargs="+", default=["auto"], choices=XLA_CHOICES,
+                     help="auto: LocalModel's default (update for conv nets, step for "
+                          "dense-only ones); update: XLA-compiled optimiser update only; "
                           "none: no XLA; step: the whole train step under XLA")
-    xla.add_argument("--jit", dest="xla", action="store_const", const=["update"],
-                     help="same as --xla update (jit_compile=True)")
+    xla.add_argument("--jit", dest="xla", action="store_const", const=["auto"],
+                     help="same as --xla auto (jit_compile=True)")
     xla.add_argument("--no-jit", dest="xla", action="store_const", const=["none"],
                      help="same as --xla none (jit_compile=False; JAX: no jax.jit)")
     p.add_argument("--precision", default="float32",
@@ -85,7 +90,8 @@ def parse_args(argv):
     p.add_argument("--check-xla", action="store_true",
                    help="also train each model 3 steps with and without XLA from the same "
                         "weights (dropout off) and print the largest differences")
-    p.add_argument("--json", default="docs/throughput.json")
+    p.add_argument("--json", default=None,
+                   help="default docs/throughput.json (--quick: the temp directory)")
     p.add_argument("--quick", action="store_true",
                    help="seconds: mlp 3x128 only, 2 windows of 2 steps, small matmul")
     args = p.parse_args(argv)
@@ -93,6 +99,9 @@ def parse_args(argv):
         args.models, args.num_hidden = ["mlp"], 128
         args.windows, args.window_seconds, args.warmup_steps = 2, 0.0, 1
         args.matmul_size = 256
+    if args.json is None:
+        args.json = (os.path.join(tempfile.gettempdir(), "keras_local_throughput_quick.json")
+                     if args.quick else "docs/throughput.json")
     return args
 
 
@@ -222,10 +231,13 @@ def build(name, mode, xla, args, **overrides):
                     backprop=mode == "backprop", **options)
     keras.utils.set_random_seed(config.seed)
     model = build_model(architecture, input_shape, NUM_CLASSES, config)
-    if xla == "step" and args.backend == "tensorflow":
+    if xla in ("update", "step") and args.backend == "tensorflow":
         model.compile(jit_compile=False)
-        model.jit_compile = True  # Keras compiles its whole train function with XLA
-    else:
+        if xla == "update":
+            model.xla_update = True  # keras_local.tf_step compiles the optimiser update
+        else:
+            model.jit_compile = True  # Keras compiles its whole train function with XLA
+    else:  # auto: what LocalModel.compile does with Config.jit_compile=True
         model.compile(jit_compile=xla != "none")
     return model
 
@@ -289,13 +301,20 @@ def run_model(name, mode, args, peak):
         gflops = 2 * macs["step"] / step_s / 1e9
         results.append({
             "model": name, "input_shape": list(input_shape), "mode": mode,
-            "backend": args.backend, "xla": xla, "precision": args.precision,
+            "backend": args.backend, "xla": xla, "xla_resolved": _resolved(models[xla]),
+            "precision": args.precision,
             "batch_size": args.batch_size, "step_ms": 1000 * step_s,
             "images_per_s": args.batch_size / step_s,
             "window_images_per_s": [round(r, 2) for r in window_rates],
             "steps_per_window": steps, "step_macs": macs,
             "gflops": gflops, "fraction_of_peak": gflops / peak if peak else None})
     return results
+
+
+def _resolved(model):
+    if getattr(model, "xla_update", False):
+        return "update"
+    return "step" if model.jit_compile else "none"
 
 
 def check_xla(name, mode, args, steps=3):
@@ -391,12 +410,13 @@ def hardware():
 
 
 def print_table(results, rows, peak, load):
-    print(f"{'model':<8}{'input':<10}{'mode':<10}{'xla':<8}{'precision':<16}{'ms/step':>10}"
+    print(f"{'model':<8}{'input':<10}{'mode':<10}{'xla':<13}{'precision':<16}{'ms/step':>10}"
           f"{'images/s':>10}{'best':>9}{'GMAC/step':>11}{'GFLOP/s':>9}{'% peak':>8}")
     for r in results:
         shape = "x".join(str(d) for d in r["input_shape"])
         fraction = "" if r["fraction_of_peak"] is None else f"{100 * r['fraction_of_peak']:.0f}"
-        print(f"{r['model']:<8}{shape:<10}{r['mode']:<10}{r['xla']:<8}"
+        xla = r["xla"] if r["xla"] != "auto" else f"auto:{r['xla_resolved']}"
+        print(f"{r['model']:<8}{shape:<10}{r['mode']:<10}{xla:<13}"
               f"{r['precision']:<16}{r['step_ms']:>10.1f}{r['images_per_s']:>10.1f}"
               f"{max(r['window_images_per_s']):>9.1f}"
               f"{r['step_macs']['step'] / 1e9:>11.1f}{r['gflops']:>9.1f}{fraction:>8}")

@@ -121,11 +121,12 @@ class LocalModel(keras.Model):
     def compile(self, optimizer=None, jit_compile=None, **kwargs):
         """Keras compile with the config's optimiser and XLA choice as defaults.
 
-        On TensorFlow, XLA compiles only the optimiser update of the train step
-        (``xla_update``, see ``keras_local.tf_step``), never the whole step: compiled
+        On TensorFlow, for networks with conv blocks XLA compiles only the optimiser
+        update of the train step (``xla_update``, see ``keras_local.tf_step``): compiled
         whole, XLA ignores the block order that lets local training free each block's
         activations (vgg19 predsim then needed as much memory as backprop), and its CPU
-        convolutions were slower than TensorFlow's (benchmarks/throughput.py).
+        convolutions were slower than TensorFlow's. Dense-only networks (mlp) compile the
+        whole step, which was fastest for them (benchmarks/throughput.py, README Results).
         """
         if optimizer is None:
             optimizer = make_optimizer(self.config)
@@ -136,7 +137,9 @@ class LocalModel(keras.Model):
                 from keras_local.distribute import xla_allowed
 
                 jit_compile = xla_allowed(self.config)  # not under a strategy or placement
-        self.xla_update = bool(jit_compile) and keras.backend.backend() == "tensorflow"
+        has_conv = any(block.kind == "conv" for block in self.local_blocks)
+        self.xla_update = (bool(jit_compile) and keras.backend.backend() == "tensorflow"
+                           and has_conv)
         super().compile(optimizer=optimizer,
                         jit_compile=False if self.xla_update else jit_compile, **kwargs)
         if self.xla_update:  # what compile_from_config restores

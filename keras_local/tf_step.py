@@ -72,7 +72,8 @@ def _local_gradients(model, inputs, labels_onehot, replica_scale):
     executor honours this; XLA drops control edges between pure ops: compiled whole,
     the vgg19 predsim step (32x32x3, batch 128) peaked 622 MiB above its baseline,
     as much as backprop (600 MiB), with or without an XLA OptimizationBarrier, against
-    256 MiB here. ``LocalModel.compile`` therefore XLA-compiles only the update.
+    256 MiB here. ``LocalModel.compile`` therefore XLA-compiles only the update of
+    networks with conv blocks.
     """
     all_grads, all_variables = [], []
     h = inputs

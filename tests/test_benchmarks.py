@@ -24,7 +24,7 @@ def test_throughput_quick(tmp_path):
     out = tmp_path / "throughput.json"
     stdout = run_script("throughput.py", "--quick", "--xla", "update", "none",
                         "--check-xla", "--json", str(out))
-    assert "model   input     mode      xla     precision" in stdout and "best" in stdout
+    assert "model   input     mode      xla          precision" in stdout and "best" in stdout
     assert "predsim/backprop time" in stdout and "float32 matmul peak" in stdout
     assert "no XLA vs XLA, 3 steps" in stdout
     payload = json.loads(out.read_text())

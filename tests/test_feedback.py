@@ -133,7 +133,7 @@ def test_compiled_train_step_sends_feedback_not_weights_to_the_block():
     model = kl.build_model("mlp", (3, 3, 1), 4, config)
     model.compile()
     if keras.backend.backend() == "tensorflow":
-        assert model.xla_update is True  # XLA-compiled update (tf_step; blocks run unjitted)
+        assert model.jit_compile is True  # XLA-compiled train step
     block = model.local_blocks[0]
     head = block.heads["pred"].dense
     head.kernel.assign(rng.normal(size=(8, 6)).astype("float32"))  # W nonzero, not B
