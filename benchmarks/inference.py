@@ -63,9 +63,9 @@ def build_network(name, args):
     import keras
 
     from keras_local.config import Config
-    from keras_local.datasets import get_dataset_info
+    from keras_local.data.catalogue import get_dataset_info
     from keras_local.exporting import deployable_model
-    from keras_local.model import build_model
+    from keras_local.models.local_model import build_model
 
     architecture, dataset, options = MODELS[name]
     options = dict(options)

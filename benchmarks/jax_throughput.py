@@ -9,7 +9,7 @@ Sets KERAS_BACKEND=jax before Keras is imported and imports nothing of TensorFlo
 tf.data): it needs only keras, jax, numpy and h5py, and runs on the device JAX picks
 (a GPU where a CUDA build of jaxlib is installed). ``model.fit`` runs on an in-memory
 NumPy array of one random batch repeated ``steps`` times, so what is timed is the
-jit-compiled train step (``keras_local.jax_step``) plus Keras's per-step loop and the
+jit-compiled train step (``keras_local.steps.jax``) plus Keras's per-step loop and the
 host-to-device copy of each batch. A first ``fit`` of ``warmup`` steps compiles; then
 ``repeats`` fits of ``steps`` steps are timed and the median is reported.
 

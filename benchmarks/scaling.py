@@ -6,7 +6,7 @@
 Rows (each in a fresh process, since logical devices and thread pools are fixed when
 TensorFlow starts):
 
-  one device            the plain step (keras_local.tf_step), 1 logical CPU device
+  one device            the plain step (keras_local.steps.tensorflow), 1 logical CPU device
   mirrored, 2 devices   MirroredStrategy over 2 logical CPU devices, 128 per replica
   layerwise, 2 devices  blocks on 2 devices, the plain (sequential) step
   pipeline, 2 devices   blocks on 2 devices, decoupled pipelined step

@@ -133,7 +133,7 @@ def count_step_macs(model, batch_size):
     Returns a dict of forward MACs per part and ``step`` (the whole step's MACs).
     Element-wise ops (BatchNorm, activations, pooling, Adam) are not counted.
     """
-    from keras_local.blocks import LocalBlock
+    from keras_local.layers.block import LocalBlock
 
     shape = (batch_size,) + tuple(model.example_shape)
     parts = {"encoders": 0, "first_encoder": 0, "heads": 0, "similarity": 0, "output": 0}
@@ -219,7 +219,7 @@ def build(name, mode, xla, args, **overrides):
     import keras
 
     from keras_local.config import Config
-    from keras_local.model import build_model
+    from keras_local.models.local_model import build_model
 
     architecture, input_shape, recipe = MODELS[name]
     options = dict(recipe)
@@ -234,7 +234,7 @@ def build(name, mode, xla, args, **overrides):
     if xla in ("update", "step") and args.backend == "tensorflow":
         model.compile(jit_compile=False)
         if xla == "update":
-            model.xla_update = True  # keras_local.tf_step compiles the optimiser update
+            model.xla_update = True  # keras_local.steps.tensorflow compiles the optimiser update
         else:
             model.jit_compile = True  # Keras compiles its whole train function with XLA
     else:  # auto: what LocalModel.compile does with Config.jit_compile=True
@@ -379,8 +379,8 @@ def check_backend(backend):
     import importlib
 
     module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[backend]
-    step = {"tensorflow": "keras_local.tf_step", "jax": "keras_local.jax_step",
-            "torch": "keras_local.torch_step"}[backend]
+    step = {"tensorflow": "keras_local.steps.tensorflow", "jax": "keras_local.steps.jax",
+            "torch": "keras_local.steps.torch"}[backend]
     for needed in (module, step):
         try:
             importlib.import_module(needed)

@@ -15,7 +15,7 @@ import zipfile
 import keras
 
 from keras_local.exporting import FORMATS, ExportError, export_model
-from keras_local.model import LocalModel  # importing it registers it for load_model
+from keras_local.models.local_model import LocalModel  # importing it registers it for load_model
 
 EXIT_EXPORT_FAILED = 1
 EXIT_BAD_INPUT = 2

@@ -1,14 +1,19 @@
 """keras-local: deep networks trained without global backpropagation (Nøkland & Eidnes 2019)."""
 
-from keras_local.architectures import ARCHITECTURES, VGG_CHANNELS
-from keras_local.blocks import LocalBlock
+from keras_local.layers import (
+    FeedbackAlignmentDense,
+    LabelProjection,
+    LocalBlock,
+    PredHead,
+    SimHead,
+    decoder_pool_geometry,
+)
 from keras_local.config import Config
-from keras_local.feedback import FeedbackAlignmentDense, LabelProjection
-from keras_local.heads import PredHead, SimHead, decoder_pool_geometry
-from keras_local.local_losses import LOCAL_LOSSES, register_local_loss
-from keras_local.model import LocalModel, build_model
+from keras_local.losses import LOCAL_LOSSES, register_local_loss
+from keras_local.models import LocalModel, build_model, list_models, register_model
+from keras_local.models.vgg import VGG_CHANNELS
 from keras_local.optim import make_optimizer, milestone_learning_rate
-from keras_local.similarity import (
+from keras_local.losses import (
     binary_pred_loss,
     pred_loss,
     predsim_loss,
@@ -17,7 +22,7 @@ from keras_local.similarity import (
 )
 
 __all__ = [
-    "ARCHITECTURES", "VGG_CHANNELS", "LocalBlock", "Config", "FeedbackAlignmentDense",
+    "list_models", "register_model", "VGG_CHANNELS", "LocalBlock", "Config", "FeedbackAlignmentDense",
     "LabelProjection", "PredHead", "SimHead", "decoder_pool_geometry", "LOCAL_LOSSES",
     "register_local_loss", "LocalModel", "build_model", "make_optimizer",
     "milestone_learning_rate", "binary_pred_loss", "pred_loss", "predsim_loss", "sim_loss",

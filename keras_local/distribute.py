@@ -9,7 +9,7 @@ Data parallel (``Config.strategy``):
   - "auto": multiworker when TF_CONFIG names more than one worker, else mirrored when
     more than one GPU is visible, else one.
 
-Under a strategy the train step (``keras_local.tf_step``) still opens one tape per
+Under a strategy the train step (``keras_local.steps.tensorflow``) still opens one tape per
 block; every replica computes its blocks' gradients on its own slice of the global
 batch, each local loss is scaled by ``1 / num_replicas_in_sync``, and Keras sums the
 gradients over the replicas, so the update is the one of the mean loss over the global
@@ -29,7 +29,7 @@ import os
 
 import tensorflow as tf
 
-from keras_local.blocks import LocalBlock
+from keras_local.layers.block import LocalBlock
 
 MULTI_DEVICE_STRATEGIES = ("mirrored", "multiworker")
 

@@ -22,7 +22,7 @@ import tempfile
 import keras
 import numpy as np
 
-from keras_local.datasets import get_dataset_info
+from keras_local.data.catalogue import get_dataset_info
 
 FORMATS = ("savedmodel", "onnx")
 ONNX_FILE = "model.onnx"
@@ -193,7 +193,7 @@ def _float32_model(model):
     """``model`` itself if float32, else a float32 copy of its backbone weights."""
     if model.config.precision == "float32":
         return model
-    from keras_local.model import LocalModel
+    from keras_local.models.local_model import LocalModel
 
     copy = LocalModel(model.architecture, model.example_shape, model.num_classes,
                       model.config.replace(precision="float32"))

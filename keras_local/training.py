@@ -19,7 +19,7 @@ import time
 
 import keras
 
-from keras_local.architectures import ARCHITECTURES
+from keras_local.models import list_models
 from keras_local.callbacks import (
     AtomicCheckpoint,
     CompactProgbar,
@@ -34,8 +34,8 @@ from keras_local.data import (
     make_numpy_datasets,
     tensorflow_available,
 )
-from keras_local.datasets import get_dataset_info
-from keras_local.model import build_model
+from keras_local.data.catalogue import get_dataset_info
+from keras_local.models.local_model import build_model
 
 
 class NotARunError(ValueError):
@@ -119,8 +119,8 @@ def prepare(config):
     input (unknown names, missing or corrupt files, a bad --resume) fails cleanly."""
     if config.resume:
         config = resolve_resume(config)
-    if config.model not in ARCHITECTURES:
-        raise ValueError(f"unknown model {config.model!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if config.model not in list_models():
+        raise ValueError(f"unknown model {config.model!r}; choose one of {', '.join(list_models())}")
     if keras.backend.backend() != config.backend:
         raise ValueError(f"config.backend is {config.backend!r} but Keras runs on "
                          f"{keras.backend.backend()!r}: set KERAS_BACKEND={config.backend} "

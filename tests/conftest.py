@@ -80,7 +80,7 @@ def fashion_mnist_dir():
 @pytest.fixture(scope="session")
 def fashion_mnist_small(fashion_mnist_dir):
     """First 10,000 training and all 10,000 test images, normalised, NHWC float32."""
-    from keras_local.idx import read_idx
+    from keras_local.data.idx import read_idx
 
     def load(prefix, limit=None):
         images = read_idx(f"{fashion_mnist_dir}/{prefix}-images-idx3-ubyte.gz", limit)

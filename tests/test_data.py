@@ -6,7 +6,7 @@ import pytest
 
 import keras_local as kl
 from keras_local import data
-from keras_local.idx import DataFileError, read_idx, write_idx
+from keras_local.data.idx import DataFileError, read_idx, write_idx
 
 
 def test_demo_dataset_is_first_10000_fashion_mnist_training_images(fashion_mnist_dir):

@@ -17,7 +17,7 @@ import pytest
 
 import keras_local as kl
 from keras_local import distribute
-from keras_local.architectures import build_feature_layers
+from keras_local.models.registry import build_feature_layers
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)

@@ -14,9 +14,9 @@ import tensorflow as tf
 
 import keras_local as kl
 from keras_local import exporting
-from keras_local.datasets import get_dataset_info
+from keras_local.data.catalogue import get_dataset_info
 from keras_local.exporting import ExportError, export_model
-from keras_local.idx import read_idx
+from keras_local.data.idx import read_idx
 
 from export.__main__ import main as export_main
 

@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 import keras_local as kl
-from keras_local.blocks import SEED_OFFSETS, part_seed
+from keras_local.layers.block import SEED_OFFSETS, part_seed
 
 
 def bio_config(**changes):

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 import keras_local as kl
-from keras_local.datasets import get_dataset_info
+from keras_local.data.catalogue import get_dataset_info
 from keras_local.exporting import export_model
-from keras_local.idx import read_idx
+from keras_local.data.idx import read_idx
 
 from export.predict import main as predict_main
 

@@ -3,7 +3,7 @@
 With ``Config(placement="layerwise", pipeline=True)`` the model is cut into stages:
 stage k (k = 0 .. n-1) is LocalBlock k with the parameter-free layers (flatten,
 pooling) that feed it, and stage n is the layers after the last block plus the output
-Dense. Between stage k and stage k+1 sits a *boundary buffer*: non-trainable
+Dense: the segments of the update rule (``keras_local.steps.rule.plan``). Between stage k and stage k+1 sits a *boundary buffer*: non-trainable
 ``tf.Variable`` s on stage k+1's device holding block k's output activations, the
 one-hot labels that went with them, and a ``valid`` flag.
 
@@ -52,25 +52,11 @@ variable that serialises the stages: give dropout blocks a seed (the architectur
 """
 
 import tensorflow as tf
-from keras import ops
 
-from keras_local.blocks import LocalBlock
 from keras_local.distribute import check_scale_out, device_scope
-from keras_local.similarity import pred_loss
-
-
-class Stage:
-    """Layers that one pipeline stage runs on one device: ``layers`` (parameter-free,
-    e.g. flatten / pooling) then ``block`` (a LocalBlock, or None for the output stage)."""
-
-    def __init__(self, layers, block, device):
-        self.layers = list(layers)
-        self.block = block
-        self.device = device
-
-    def __repr__(self):
-        name = self.block.name if self.block is not None else "output"
-        return f"Stage({name!r}, device={self.device!r})"
+from keras_local.steps import rule
+from keras_local.steps.tensorflow import TensorFlowExecutor
+from keras_local.steps.tensorflow import test_step  # noqa: F401  (evaluation is not pipelined)
 
 
 class Boundary:
@@ -97,20 +83,6 @@ class Boundary:
         self.valid.assign(valid)
 
 
-def pipeline_stages(model):
-    """The stages of ``model``: one per LocalBlock, then the output stage."""
-    layer_devices, output_device = model.layer_devices()
-    stages, pending = [], []
-    for layer, device in zip(model.feature_layers, layer_devices):
-        if isinstance(layer, LocalBlock):
-            stages.append(Stage(pending, layer, device))
-            pending = []
-        else:
-            pending.append(layer)
-    stages.append(Stage(pending, None, output_device))
-    return stages
-
-
 class PipelineBuffers:
     """The stages of a model and the boundary buffers between them (``model.pipeline_buffers``).
 
@@ -119,15 +91,14 @@ class PipelineBuffers:
 
     def __init__(self, model):
         check_scale_out(model.config)
-        self.stages = pipeline_stages(model)
+        self.stages = rule.plan(model)
         if len(self.stages) < 2:
             raise ValueError("pipeline needs a model with at least one block, got none")
         self.boundaries = []
         shape = (None,) + tuple(model.example_shape)
         for stage, consumer in zip(self.stages[:-1], self.stages[1:]):
-            for layer in stage.layers + [stage.block]:
-                shape = tuple(layer.compute_output_shape(shape))
-            self.boundaries.append(Boundary(stage.block.name, shape[1:], stage.block.compute_dtype,
+            shape = stage.output_shape(shape)
+            self.boundaries.append(Boundary(stage.name, shape[1:], stage.layers[-1].compute_dtype,
                                             model.num_classes, consumer.device))
 
     def reset(self):
@@ -136,70 +107,66 @@ class PipelineBuffers:
             boundary.valid.assign(False)
 
 
-def train_step(model, inputs, labels_onehot):
-    """One pipelined step over every stage at once; see the module docstring.
+class PipelineExecutor(TensorFlowExecutor):
+    """Stage k > 0 reads boundary k-1 (written by the previous step) instead of this step's
+    output of stage k-1; a stage whose input is not valid is skipped inside ``tf.cond``."""
 
-    Returns None: the output stage updates the output metrics itself, against the labels
-    that travelled with its (delayed) batch.
-    """
-    buffers = model.pipeline_buffers
-    # Every boundary is read before any stage writes one (automatic control dependencies
-    # keep this program order for each buffer variable).
-    feeds = [(inputs, labels_onehot, None)] + [boundary.read() for boundary in buffers.boundaries]
-    outputs, all_grads, all_variables = [], [], []
-    for stage, (x, labels, valid) in zip(buffers.stages, feeds):
-        variables = _stage_variables(model, stage)
-        out, grads = _run_stage(model, stage, variables, x, labels, valid)
-        outputs.append(out)
-        all_grads.extend(grads)
-        all_variables.extend(variables)
-    for boundary, out, (_, labels, valid) in zip(buffers.boundaries, outputs, feeds):
-        boundary.write(out, labels, True if valid is None else valid)
-    model.optimizer.apply(all_grads, all_variables)
-    return None
+    def __init__(self, model):
+        super().__init__(model)
+        self.buffers = model.pipeline_buffers
+        # Every boundary is read before any stage writes one (automatic control
+        # dependencies keep this program order for each buffer variable).
+        self.feeds = [boundary.read() for boundary in self.buffers.boundaries]
 
+    def segment_input(self, index, previous, labels_onehot):
+        if index == 0:
+            return previous, labels_onehot, None
+        return self.feeds[index - 1]
 
-def _stage_variables(model, stage):
-    layer = stage.block if stage.block is not None else model.output_layer
-    return layer.trainable_variables
+    def gradients(self, loss_fn, segment, variables, inputs, valid=None):
+        compute = lambda: _flat(super(PipelineExecutor, self).gradients(  # noqa: E731
+            loss_fn, segment, variables, inputs))
+        if valid is None:
+            results = compute()
+        else:
+            results = tf.cond(valid, compute, lambda: _skipped(segment, variables, inputs))
+        return results[0], results[1:]
 
+    def stop_gradient(self, outputs, after):
+        # No control dependency: the next stage reads its boundary, not this output.
+        return tf.stop_gradient(outputs)
 
-def _run_stage(model, stage, variables, x, labels, valid):
-    """(gradient-stopped output, gradients of the stage's own loss); skipped (zeros, no
-    state change) when ``valid`` is False. ``valid`` None: always valid (stage 0)."""
+    def segment_outputs(self, outputs):
+        for boundary, (out, labels, valid) in zip(self.buffers.boundaries, outputs):
+            boundary.write(out, labels, True if valid is None else valid)
 
-    def compute():
-        with device_scope(stage.device):
-            h = x
-            for layer in stage.layers:
-                h = layer(h, training=True)
-            with tf.GradientTape() as tape:
-                if stage.block is not None:
-                    out = stage.block(h, training=True, labels=labels)
-                    loss = ops.sum(ops.stack(stage.block.losses))
-                else:
-                    out = model.output_layer(h, training=True)
-                    loss = pred_loss(out, labels) * model.config.output_loss_scale
-            grads = tape.gradient(loss, variables)
-            grads = [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, variables)]
-            grads = model.with_weight_decay(grads, variables)
-            if stage.block is None:
-                model._update_output_metrics(out, labels, ops.argmax(labels, axis=-1))
-            return [tf.stop_gradient(out)] + list(grads)
+    def run(self, function, when=None):
+        if when is None:
+            return function()
 
-    if valid is None:
-        results = compute()
-    else:
-        results = tf.cond(valid, compute, lambda: _skipped(model, stage, variables, x))
-    return results[0], results[1:]
+        def guarded():
+            function()
+            return tf.constant(True)
+
+        tf.cond(when, guarded, lambda: tf.constant(False))
+        return None
 
 
-def _skipped(model, stage, variables, x):
+def _flat(out_and_grads):
+    out, grads = out_and_grads
+    return [tf.stop_gradient(out)] + list(grads)
+
+
+def _skipped(segment, variables, x):
     """What an idle stage returns: a zero output of the right shape, zero gradients."""
-    shape = (None,) + tuple(x.shape[1:])
-    for layer in stage.layers + [stage.block if stage.block is not None else model.output_layer]:
-        shape = tuple(layer.compute_output_shape(shape))
-    layer = stage.block if stage.block is not None else model.output_layer
-    with device_scope(stage.device):
-        out = tf.zeros(tf.concat([tf.shape(x)[:1], shape[1:]], axis=0), layer.compute_dtype)
+    shape = segment.output_shape((None,) + tuple(x.shape[1:]))
+    with device_scope(segment.device):
+        out = tf.zeros(tf.concat([tf.shape(x)[:1], shape[1:]], axis=0),
+                       segment.layers[-1].compute_dtype)
         return [out] + [tf.zeros(v.shape, v.dtype) for v in variables]
+
+
+def train_step(model, data):
+    """One pipelined step over every stage at once; see the module docstring."""
+    inputs, labels_onehot = rule.split_batch(model, data)
+    return rule.train(model, PipelineExecutor(model), inputs, labels_onehot)

@@ -55,6 +55,11 @@ DATASETS = {
 }
 
 
+def list_datasets():
+    """Every dataset name ``--dataset`` accepts."""
+    return list(DATASETS)
+
+
 def get_dataset_info(name):
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

@@ -5,12 +5,13 @@ import contextlib
 import keras
 from keras import ops
 
-from keras_local.architectures import build_feature_layers
-from keras_local.blocks import LocalBlock
+from keras_local.models.registry import build_feature_layers
+from keras_local.layers.block import LocalBlock
 from keras_local.config import Config
-from keras_local.heads import torch_kernel_initializer
+from keras_local.layers.heads import torch_kernel_initializer
 from keras_local.optim import make_optimizer
-from keras_local.similarity import error_percent, pred_loss
+from keras_local.steps import step_functions
+from keras_local.losses import error_percent, pred_loss
 
 
 @keras.saving.register_keras_serializable(package="keras_local")
@@ -50,9 +51,10 @@ class LocalModel(keras.Model):
         self.error_tracker = keras.metrics.Mean(name="error")
         with _replica_state_scope():  # BatchNorm moving statistics: mean over replicas
             self.build((None,) + self.example_shape)
+        self.xla_update = False  # set by compile
         self.pipeline_buffers = None
         if config.pipeline:
-            from keras_local.pipeline import PipelineBuffers
+            from keras_local.steps.pipeline import PipelineBuffers
 
             self.pipeline_buffers = PipelineBuffers(self)
 
@@ -122,7 +124,7 @@ class LocalModel(keras.Model):
         """Keras compile with the config's optimiser and XLA choice as defaults.
 
         On TensorFlow, for networks with conv blocks XLA compiles only the optimiser
-        update of the train step (``xla_update``, see ``keras_local.tf_step``): compiled
+        update of the train step (``xla_update``, see ``keras_local.steps.tensorflow``): compiled
         whole, XLA ignores the block order that lets local training free each block's
         activations (vgg19 predsim then needed as much memory as backprop), and its CPU
         convolutions were slower than TensorFlow's. Dense-only networks (mlp) compile the
@@ -165,68 +167,27 @@ class LocalModel(keras.Model):
     # ------------------------------------------------------------------ training
     def train_step(self, *args):
         """``train_step(data)`` on TensorFlow and torch; on JAX Keras calls the
-        stateless ``train_step(state, data)`` and expects ``(logs, state)``."""
-        step = self._backend_step_module()
-        if keras.backend.backend() == "jax":
-            return step.train_step(self, *args)
-        (data,) = args
-        inputs, labels = data[0], data[1]
-        labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
-        labels_onehot = ops.one_hot(labels, self.num_classes)
-        logits = step.train_step(self, inputs, labels_onehot)
-        if logits is not None:  # None: the step updated them (pipeline: delayed labels)
-            self._update_output_metrics(logits, labels_onehot, labels)
-        return _reducible_logs({m.name: m.result() for m in self.metrics})
-
-    def _backend_step_module(self):
-        """The module whose ``train_step`` updates the model on the current backend:
-        ``train_step(model, inputs, labels_onehot)`` (TensorFlow, torch) or
-        ``train_step(model, state, data)`` (JAX, stateless)."""
-        backend = keras.backend.backend()
-        if backend == "jax":
-            from keras_local import jax_step
-
-            return jax_step
-        if backend == "torch":
-            from keras_local import torch_step
-
-            return torch_step
-        if backend != "tensorflow":
-            raise ValueError(
-                f"LocalModel trains on the tensorflow, jax and torch backends; got {backend!r}")
-        if self.config.pipeline:
-            from keras_local import pipeline
-
-            return pipeline
-        from keras_local import tf_step
-
-        return tf_step
+        stateless ``train_step(state, data)`` and expects ``(logs, state)``. The update
+        rule is ``keras_local.steps.rule``; the backend's executor runs it."""
+        return self._steps().train_step(self, *args)
 
     def test_step(self, *args):
         """``test_step(data)``; on JAX the stateless ``test_step(state, data)``."""
-        if keras.backend.backend() == "jax":
-            from keras_local import jax_step
+        return self._steps().test_step(self, *args)
 
-            return jax_step.test_step(self, *args)
-        (data,) = args
-        inputs, labels = data[0], data[1]
-        labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
-        logits = self(inputs, training=False)
-        self._update_output_metrics(logits, ops.one_hot(labels, self.num_classes), labels)
-        return _reducible_logs({"loss": self.loss_tracker.result(),
-                                "error": self.error_tracker.result()})
+    def _steps(self):
+        return step_functions(keras.backend.backend(), pipelined=self.pipeline_buffers is not None)
 
-    def _update_output_metrics(self, logits, labels_onehot, labels):
-        batch = ops.cast(ops.shape(labels)[0], "float32")
+    def update_output_metrics(self, logits, labels_onehot):
+        """Add a batch's output cross-entropy and error (%) to ``loss`` and ``error``."""
+        labels = ops.argmax(labels_onehot, axis=-1)
+        batch = ops.cast(ops.shape(labels_onehot)[0], "float32")
         self.loss_tracker.update_state(pred_loss(logits, labels_onehot), sample_weight=batch)
         self.error_tracker.update_state(error_percent(logits, labels), sample_weight=batch)
 
-    def with_weight_decay(self, grads, variables):
-        """The reference's coupled L2 weight decay: g + weight_decay * w."""
-        decay = self.config.weight_decay
-        if not decay:
-            return grads
-        return [g + decay * ops.cast(v, g.dtype) for g, v in zip(grads, variables)]
+    def metric_results(self):
+        """The current value of every metric, by name (a step's logs)."""
+        return {m.name: m.result() for m in self.metrics}
 
     # ------------------------------------------------------------- serialisation
     def get_config(self):
@@ -267,19 +228,6 @@ def _check_backend_support(config, backend):
         raise ValueError(
             f"precision={config.precision!r}: supported on the tensorflow and jax backends "
             f"only, but Keras is running on 'torch'; use precision='float32' on torch")
-
-
-def _reducible_logs(logs):
-    """A step's logs; shape (1,) under MultiWorkerMirroredStrategy, where Keras 3.15
-    reduces them with ``reduce(MEAN, axis=0)``, which fails on scalars
-    (keras-team/keras#20585) and gives the mean over replicas of shape-(1,) values."""
-    if keras.backend.backend() != "tensorflow":
-        return logs
-    from keras_local.distribute import is_multi_worker, tf
-
-    if not is_multi_worker(tf.distribute.get_strategy()):
-        return logs
-    return {name: ops.reshape(value, (1,)) for name, value in logs.items()}
 
 
 def _replica_state_scope():

@@ -3,10 +3,10 @@
 import keras
 from keras import ops
 
-from keras_local.feedback import LabelProjection
-from keras_local.heads import PredHead, SimHead, torch_kernel_initializer
-from keras_local.local_losses import get_local_loss
-from keras_local.similarity import error_percent
+from keras_local.layers.feedback import LabelProjection
+from keras_local.layers.heads import PredHead, SimHead, torch_kernel_initializer
+from keras_local.losses import get_local_loss
+from keras_local.losses import error_percent
 
 BLOCK_KINDS = ("dense", "conv")
 

@@ -5,8 +5,8 @@ import math
 import keras
 from keras import ops
 
-from keras_local.feedback import FeedbackAlignmentDense
-from keras_local.similarity import binary_pred_loss, pred_loss, sim_loss
+from keras_local.layers.feedback import FeedbackAlignmentDense
+from keras_local.losses import binary_pred_loss, pred_loss, sim_loss
 
 
 def torch_kernel_initializer(seed=None):

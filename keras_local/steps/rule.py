@@ -1,0 +1,157 @@
+"""The update rule of a local network, written once for every backend.
+
+A training step is a walk over *segments*: consecutive layers trained by one loss, whose
+input arrives with its gradient stopped (``plan``):
+
+- local modes (pred / sim / predsim): one segment per block that carries heads, holding
+  that block and the parameter-free layers (pooling, flatten) that feed it; its loss is the
+  block's local loss. A last segment holds the layers after the last block and the output
+  Dense; its loss is the output cross-entropy times ``config.output_loss_scale``
+  (1 - beta in predsim). No gradient crosses a segment boundary.
+- backprop: one segment, the whole network, trained by the output cross-entropy.
+- no_detach: one segment, the whole network, trained by the output cross-entropy plus
+  every block's local loss.
+
+Every loss is divided by the executor's ``replica_scale`` denominator (Keras sums
+gradients over tf.distribute replicas). An *executor* (``keras_local.steps.tensorflow``,
+``.jax``, ``.torch``, ``.pipeline``) supplies only the backend's mechanics: the gradient
+of a segment's loss with respect to the segment's variables, a gradient stop, running a
+stateful function, and applying the optimiser's updates.
+"""
+
+import dataclasses
+
+import keras
+from keras import ops
+
+from keras_local.layers.block import LocalBlock
+from keras_local.losses import pred_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Consecutive layers trained by one loss; ``devices`` per layer (None: no placement)."""
+
+    name: str
+    layers: tuple
+    devices: tuple
+
+    @property
+    def trainable_variables(self):
+        return [v for layer in self.layers for v in layer.trainable_variables]
+
+    @property
+    def device(self):
+        """The device that computes the segment's gradients: the one all its layers share
+        (None when they are spread over several or not placed)."""
+        distinct = set(self.devices)
+        return self.devices[-1] if len(distinct) == 1 else None
+
+    def output_shape(self, input_shape):
+        shape = tuple(input_shape)
+        for layer in self.layers:
+            shape = tuple(layer.compute_output_shape(shape))
+        return shape
+
+
+def plan(model):
+    """The model's segments in order (see the module docstring)."""
+    layers = list(model.feature_layers) + [model.output_layer]
+    layer_devices, output_device = model.layer_devices()
+    devices = list(layer_devices) + [output_device]
+    if model.config.training_mode in ("backprop", "no_detach"):
+        return [Segment("network", tuple(layers), tuple(devices))]
+    segments, start = [], 0
+    for index, layer in enumerate(layers):
+        if (isinstance(layer, LocalBlock) and layer.has_heads) or index == len(layers) - 1:
+            name = "output" if index == len(layers) - 1 else layer.name
+            segments.append(Segment(name, tuple(layers[start:index + 1]),
+                                    tuple(devices[start:index + 1])))
+            start = index + 1
+    return segments
+
+
+def segment_loss(model, segment, inputs, labels_onehot, device_scope):
+    """(loss, output) of ``segment`` on ``inputs`` in training mode.
+
+    Blocks with heads add their local loss; the output Dense adds its cross-entropy times
+    ``config.output_loss_scale``. ``device_scope(device)`` places each layer.
+    """
+    h, losses = inputs, []
+    for layer, device in zip(segment.layers, segment.devices):
+        with device_scope(device):
+            if layer is model.output_layer:
+                h = layer(h, training=True)
+                losses.append(pred_loss(h, labels_onehot) * model.config.output_loss_scale)
+            elif isinstance(layer, LocalBlock) and layer.has_heads:
+                h = layer(h, training=True, labels=labels_onehot)
+                losses.extend(layer.losses)
+            else:
+                h = layer(h, training=True)
+    loss = losses[0] if len(losses) == 1 else ops.sum(ops.stack(losses))
+    return loss, h
+
+
+def with_weight_decay(grads, values, weight_decay):
+    """The reference's coupled L2 weight decay: g + weight_decay * w."""
+    if not weight_decay:
+        return list(grads)
+    return [g + weight_decay * ops.cast(v, g.dtype) for g, v in zip(grads, values)]
+
+
+def split_batch(model, data):
+    """(inputs, one-hot labels) of a Keras data batch ``(x, y, ...)``."""
+    inputs, labels = data[0], data[1]
+    labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
+    return inputs, ops.one_hot(labels, model.num_classes)
+
+
+def train(model, executor, inputs, labels_onehot):
+    """One update of ``model`` through ``executor``; returns the step's logs."""
+    all_grads, all_variables = [], []
+    previous = inputs
+    outputs = []
+    for index, segment in enumerate(plan(model)):
+        x, labels, valid = executor.segment_input(index, previous, labels_onehot)
+        scale = executor.replica_scale
+
+        def loss_fn(x, segment=segment, labels=labels):
+            loss, out = segment_loss(model, segment, x, labels, executor.device_scope)
+            return loss * scale, out
+
+        variables = segment.trainable_variables
+        out, grads = executor.gradients(loss_fn, segment, variables, x, valid)
+        all_grads.extend(grads)
+        all_variables.extend(variables)
+        previous = executor.stop_gradient(out, after=grads)
+        outputs.append((previous, labels, valid))
+    executor.segment_outputs(outputs)
+    executor.apply(all_grads, all_variables, model.config.weight_decay)
+    logits, labels, valid = outputs[-1]
+    executor.run(lambda: model.update_output_metrics(logits, labels), when=valid)
+    return executor.run(model.metric_results)
+
+
+def evaluate(model, executor, inputs, labels_onehot):
+    """One evaluation batch: output metrics in inference mode; returns loss and error."""
+
+    def update():
+        model.update_output_metrics(model(inputs, training=False), labels_onehot)
+        return {"loss": model.loss_tracker.result(), "error": model.error_tracker.result()}
+
+    return executor.run(update)
+
+
+class SequentialSchedule:
+    """Segment k reads segment k-1's output of this step (every non-pipelined executor)."""
+
+    def segment_input(self, index, previous, labels_onehot):
+        return previous, labels_onehot, None
+
+    def segment_outputs(self, outputs):
+        pass
+
+
+def stop_gradient_structure(outputs, stop):
+    """``stop`` applied to every tensor of ``outputs`` (a tensor or a nested structure)."""
+    return keras.tree.map_structure(stop, outputs)
