@@ -89,31 +89,53 @@ def _static_shape(x):
 
 
 # ------------------------------------------------------- local loss registry
-# Registry of local loss functions: name -> which heads a block needs + how to combine them.
-# 
-# A local loss receives the block's heads, h (the block's activation before dropout),
-# the one-hot labels and beta, and returns a dict of named scalar terms. "loss" is the
-# one that trains the block; "pred_loss" / "sim_loss" are reported as metrics and
-# "scores" (class scores, B x num_classes) gives the local-head error.
-# Researchers add a new loss with ``@register_local_loss(name, heads=(...))``.
+@dataclasses.dataclass(frozen=True)
+class LocalLossInputs:
+    """What a local loss may read: the block's heads, its input, h (its activation before
+    dropout), the one-hot labels, beta, and the block itself (for any further option)."""
+
+    heads: dict
+    inputs: object
+    h: object
+    labels_onehot: object
+    beta: float
+    block: object = None
 
 
 @dataclasses.dataclass(frozen=True)
 class LocalLoss:
+    """A registered local loss: the heads a block needs, the scalar terms reported as block
+    metrics (``<block>_<term>``), and ``compute(LocalLossInputs) -> dict`` of terms.
+
+    ``compute`` returns "loss" (what trains the block), every name of ``metrics``, and
+    optionally "scores" (class scores, B x num_classes) for the local-head error.
+    """
+
     name: str
     heads: tuple  # subset of ("pred", "sim")
+    metrics: tuple
     compute: Callable
 
 
 LOCAL_LOSSES = {}
 
 
-def register_local_loss(name, heads):
+def register_local_loss(name, heads, metrics=None):
+    """Register ``compute`` under ``name`` (decorator). ``metrics``: the terms reported
+    per block; default "pred_loss" / "sim_loss" for the heads used."""
+    if metrics is None:
+        metrics = tuple(f"{head}_loss" for head in heads)
+
     def decorator(compute):
-        LOCAL_LOSSES[name] = LocalLoss(name=name, heads=tuple(heads), compute=compute)
+        LOCAL_LOSSES[name] = LocalLoss(name=name, heads=tuple(heads), metrics=tuple(metrics),
+                                       compute=compute)
         return compute
 
     return decorator
+
+
+def list_local_losses():
+    return list(LOCAL_LOSSES)
 
 
 def get_local_loss(name):
@@ -123,20 +145,20 @@ def get_local_loss(name):
 
 
 @register_local_loss("pred", heads=("pred",))
-def _pred(heads, h, labels_onehot, beta):
-    loss, scores = heads["pred"].loss_and_scores(h, labels_onehot)
+def _pred(x):
+    loss, scores = x.heads["pred"].loss_and_scores(x.h, x.labels_onehot)
     return {"loss": loss, "pred_loss": loss, "scores": scores}
 
 
 @register_local_loss("sim", heads=("sim",))
-def _sim(heads, h, labels_onehot, beta):
-    loss = heads["sim"].loss(h, labels_onehot)
+def _sim(x):
+    loss = x.heads["sim"].loss(x.h, x.labels_onehot)
     return {"loss": loss, "sim_loss": loss}
 
 
 @register_local_loss("predsim", heads=("pred", "sim"))
-def _predsim(heads, h, labels_onehot, beta):
-    pred, scores = heads["pred"].loss_and_scores(h, labels_onehot)
-    sim = heads["sim"].loss(h, labels_onehot)
-    return {"loss": predsim_loss(pred, sim, beta), "pred_loss": pred, "sim_loss": sim,
+def _predsim(x):
+    pred, scores = x.heads["pred"].loss_and_scores(x.h, x.labels_onehot)
+    sim = x.heads["sim"].loss(x.h, x.labels_onehot)
+    return {"loss": predsim_loss(pred, sim, x.beta), "pred_loss": pred, "sim_loss": sim,
             "scores": scores}

@@ -5,7 +5,7 @@ from keras import ops
 
 from keras_local.layers.feedback import LabelProjection
 from keras_local.layers.heads import PredHead, SimHead, torch_kernel_initializer
-from keras_local.losses import get_local_loss
+from keras_local.losses import LocalLossInputs, get_local_loss
 from keras_local.losses import error_percent
 
 BLOCK_KINDS = ("dense", "conv")
@@ -105,13 +105,14 @@ class LocalBlock(keras.layers.Layer):
                 self.heads["pred"] = PredHead(num_classes, dim_in_decoder, self.projection,
                                               seed=part_seed(seed, "feedback"), dtype=policy,
                                               name=f"{self.name}_pred_head")
-                self.local_metrics["pred_loss"] = keras.metrics.Mean(name=f"{self.name}_pred_loss")
-                self.local_metrics["error"] = keras.metrics.Mean(name=f"{self.name}_error")
             if "sim" in self.local_loss_spec.heads:
                 self.heads["sim"] = SimHead(dim_in_decoder, self.projection,
                                             seed=part_seed(seed, "sim_head"),
                                             dtype=policy, name=f"{self.name}_sim_head")
-                self.local_metrics["sim_loss"] = keras.metrics.Mean(name=f"{self.name}_sim_loss")
+            for term in self.local_loss_spec.metrics:
+                self.local_metrics[term] = keras.metrics.Mean(name=f"{self.name}_{term}")
+            if "pred" in self.local_loss_spec.heads:
+                self.local_metrics["error"] = keras.metrics.Mean(name=f"{self.name}_error")
 
     @property
     def has_heads(self):
@@ -153,19 +154,21 @@ class LocalBlock(keras.layers.Layer):
     def call(self, inputs, training=None, labels=None):
         h = self.features(inputs, training=training)
         if labels is not None and self.has_heads:
-            self.add_loss(self.local_loss(h, labels))
+            self.add_loss(self.local_loss(inputs, h, labels))
         if self.dropout is not None:
             h = self.dropout(h, training=training)
         return h
 
-    def local_loss(self, h, labels_onehot):
-        """This block's local loss on h; updates the block's metrics."""
-        terms = self.local_loss_spec.compute(self.heads, h, labels_onehot, self.beta)
+    def local_loss(self, inputs, h, labels_onehot):
+        """This block's local loss on h (``inputs``: the block's input); updates the
+        block's metrics (every declared term, and the local-head error)."""
+        terms = self.local_loss_spec.compute(LocalLossInputs(
+            heads=self.heads, inputs=inputs, h=h, labels_onehot=labels_onehot, beta=self.beta,
+            block=self))
         batch = ops.cast(ops.shape(h)[0], "float32")
-        for key in ("pred_loss", "sim_loss"):
-            if key in self.local_metrics:
-                self.local_metrics[key].update_state(terms[key], sample_weight=batch)
-        if "error" in self.local_metrics:
+        for term in self.local_loss_spec.metrics:
+            self.local_metrics[term].update_state(terms[term], sample_weight=batch)
+        if "error" in self.local_metrics and "scores" in terms:
             labels = ops.argmax(labels_onehot, axis=-1)
             self.local_metrics["error"].update_state(
                 error_percent(terms["scores"], labels), sample_weight=batch)
