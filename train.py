@@ -9,11 +9,6 @@ import json
 import os
 import sys
 
-DATASETS = ("mnist", "fashion_mnist", "fashion_mnist_demo", "kmnist", "cifar10", "cifar100",
-            "svhn", "stl10")
-MODELS = ("mlp", "vgg6a", "vgg6b", "vgg8", "vgg8a", "vgg8b", "vgg11", "vgg11b", "vgg13",
-          "vgg16", "vgg19")
-
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports bad input in one line (no usage dump), exit code 2."""
@@ -22,15 +17,32 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def pre_parse(argv):
+    """The options needed before Keras is imported: the backend, --resume and plugins."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--backend", default="tensorflow")
+    p.add_argument("--resume", default=None)
+    p.add_argument("--plugin", action="append", default=[])
+    known, _ = p.parse_known_args(argv)
+    return known
+
+
 def parse_args(argv):
+    """Parse ``argv``; the names offered come from the registries (models, datasets, local
+    losses), including what plugins registered. Starts no Keras backend."""
+    from keras_local.data.catalogue import list_datasets
+    from keras_local.local_losses import list_local_losses
+    from keras_local.models.registry import list_models
+
+    datasets, models, losses = list_datasets(), list_models(), list_local_losses()
     p = OneLineParser(
         prog="train.py",
         description="Train deep networks with local error signals (Nøkland & Eidnes 2019): "
                     "every hidden layer learns from its own pred/sim loss, no global backprop.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", default="cifar10", choices=DATASETS, metavar="NAME",
-                      help=f"one of {', '.join(DATASETS)}")
+    data.add_argument("--dataset", default="cifar10", choices=datasets, metavar="NAME",
+                      help=f"one of {', '.join(datasets)}")
     data.add_argument("--data-dir", default=None,
                       help="offline distribution files (MNIST-family IDX .gz, CIFAR python "
                            "batches) or a tensorflow-datasets data dir")
@@ -41,8 +53,8 @@ def parse_args(argv):
     data.add_argument("--classes-per-batch", type=int, default=0,
                       help="batches with only N distinct classes (0 = ordinary shuffling)")
     model = p.add_argument_group("model")
-    model.add_argument("--model", default="vgg8b", choices=MODELS, metavar="NAME",
-                       help=f"one of {', '.join(MODELS)}")
+    model.add_argument("--model", default="vgg8b", choices=models, metavar="NAME",
+                       help=f"one of {', '.join(models)}")
     model.add_argument("--num-layers", type=int, default=1,
                        help="fully connected local blocks (after the convs for vgg*)")
     model.add_argument("--num-hidden", type=int, default=1024, help="units per FC block")
@@ -54,7 +66,8 @@ def parse_args(argv):
     model.add_argument("--dim-in-decoder", type=int, default=4096,
                        help="max input size of the pred head after average pooling")
     local = p.add_argument_group("local learning")
-    local.add_argument("--loss-sup", default="predsim", choices=("pred", "sim", "predsim"))
+    local.add_argument("--loss-sup", default="predsim", choices=losses, metavar="NAME",
+                       help=f"local loss, one of {', '.join(losses)}")
     local.add_argument("--beta", type=float, default=0.99, help="predsim weight of sim")
     local.add_argument("--backprop", action="store_true",
                        help="baseline: global backprop, no local heads")
@@ -76,6 +89,9 @@ def parse_args(argv):
     optim.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
     optim.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
     run = p.add_argument_group("run")
+    run.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                     help="import MODULE (dotted name or .py file) first: the local losses, "
+                          "models and datasets it registers become choices (repeatable)")
     run.add_argument("--seed", type=int, default=1)
     run.add_argument("--save-dir", default="runs", help="parent of the run directories")
     run.add_argument("--resume", default=None, metavar="RUN_DIR",
@@ -101,29 +117,42 @@ def parse_args(argv):
 
 def config_values(args):
     values = {key: value for key, value in vars(args).items()
-              if key not in ("no_batch_norm", "no_jit", "no_export", "quiet")}
+              if key not in ("no_batch_norm", "no_jit", "no_export", "quiet", "plugin")}
+    values["plugins"] = tuple(args.plugin)
     values["batch_norm"] = not args.no_batch_norm
     values["jit_compile"] = not args.no_jit
     values["lr_decay_milestones"] = tuple(args.lr_decay_milestones)
     return values
 
 
-def resumed_backend(run_dir):
-    """The backend a run being resumed was trained with (read before Keras is imported)."""
+def resumed_options(run_dir):
+    """The stored config of a run being resumed (read before Keras is imported); {} when
+    there is none (keras_local reports the unreadable run directory)."""
     path = os.path.join(run_dir or "", "config.json")
     if not run_dir or not os.path.isfile(path):
-        return None
+        return {}
     try:
         with open(path) as stream:
-            return json.load(stream).get("backend")
-    except (OSError, ValueError, AttributeError):
-        return None  # keras_local reports the unreadable run directory
+            stored = json.load(stream)
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    early = pre_parse(argv)
+    resumed = resumed_options(early.resume)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ["KERAS_BACKEND"] = resumed_backend(args.resume) or args.backend  # before Keras
+    os.environ["KERAS_BACKEND"] = resumed.get("backend") or early.backend  # before Keras
+    from keras_local.plugins import PluginError, load_plugins
+
+    try:
+        load_plugins(list(resumed.get("plugins", [])) + early.plugin)
+    except PluginError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    args = parse_args(argv)
     from keras_local.callbacks import NonFiniteLossError
     from keras_local.cli_errors import USER_ERRORS
     from keras_local.config import Config

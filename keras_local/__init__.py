@@ -1,30 +1,36 @@
-"""keras-local: deep networks trained without global backpropagation (Nøkland & Eidnes 2019)."""
+"""keras-local: deep networks trained without global backpropagation (Nøkland & Eidnes 2019).
 
-from keras_local.layers import (
-    FeedbackAlignmentDense,
-    LabelProjection,
-    LocalBlock,
-    PredHead,
-    SimHead,
-    decoder_pool_geometry,
-)
-from keras_local.config import Config
-from keras_local.losses import LOCAL_LOSSES, LocalLossInputs, list_local_losses, register_local_loss
-from keras_local.models import LocalModel, build_model, list_models, register_model
-from keras_local.models.vgg import VGG_CHANNELS
-from keras_local.optim import make_optimizer, milestone_learning_rate
-from keras_local.losses import (
-    binary_pred_loss,
-    pred_loss,
-    predsim_loss,
-    sim_loss,
-    similarity_matrix,
-)
+Attributes are imported on first use (``keras_local._lazy``): ``import keras_local`` starts
+no Keras backend.
+"""
 
-__all__ = [
-    "list_models", "register_model", "VGG_CHANNELS", "LocalBlock", "Config", "FeedbackAlignmentDense",
-    "LabelProjection", "PredHead", "SimHead", "decoder_pool_geometry", "LOCAL_LOSSES",
-    "register_local_loss", "LocalLossInputs", "list_local_losses", "LocalModel", "build_model", "make_optimizer",
-    "milestone_learning_rate", "binary_pred_loss", "pred_loss", "predsim_loss", "sim_loss",
-    "similarity_matrix",
-]
+from keras_local._lazy import lazy_exports
+
+_EXPORTS = {
+    "Config": "keras_local.config",
+    "LocalBlock": "keras_local.layers",
+    "FeedbackAlignmentDense": "keras_local.layers",
+    "LabelProjection": "keras_local.layers",
+    "PredHead": "keras_local.layers",
+    "SimHead": "keras_local.layers",
+    "decoder_pool_geometry": "keras_local.layers",
+    "LOCAL_LOSSES": "keras_local.local_losses",
+    "LocalLossInputs": "keras_local.local_losses",
+    "list_local_losses": "keras_local.local_losses",
+    "register_local_loss": "keras_local.local_losses",
+    "LocalModel": "keras_local.models",
+    "build_model": "keras_local.models",
+    "list_models": "keras_local.models",
+    "register_model": "keras_local.models",
+    "VGG_CHANNELS": "keras_local.models.vgg",
+    "list_datasets": "keras_local.data.catalogue",
+    "make_optimizer": "keras_local.optim",
+    "milestone_learning_rate": "keras_local.optim",
+    "binary_pred_loss": "keras_local.losses",
+    "pred_loss": "keras_local.losses",
+    "predsim_loss": "keras_local.losses",
+    "sim_loss": "keras_local.losses",
+    "similarity_matrix": "keras_local.losses",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -6,7 +6,8 @@ import dataclasses
 import json
 from typing import Optional
 
-LOSS_SUP_CHOICES = ("pred", "sim", "predsim")
+from keras_local.local_losses import list_local_losses
+
 NONLIN_CHOICES = ("relu", "leakyrelu")
 OPTIM_CHOICES = ("adam", "amsgrad", "sgd")
 PRECISION_CHOICES = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -63,6 +64,7 @@ class Config:
     save_dir: str = "runs"
     resume: Optional[str] = None
     backend: str = "tensorflow"
+    plugins: tuple = ()  # modules imported first (train.py --plugin); --resume re-imports
     # scale-out
     strategy: str = "auto"
     placement: str = "none"
@@ -70,7 +72,8 @@ class Config:
 
     def __post_init__(self):
         self.lr_decay_milestones = tuple(int(m) for m in self.lr_decay_milestones)
-        _check_choice("loss_sup", self.loss_sup, LOSS_SUP_CHOICES)
+        self.plugins = tuple(self.plugins)
+        _check_choice("loss_sup", self.loss_sup, list_local_losses())
         _check_choice("nonlin", self.nonlin, NONLIN_CHOICES)
         _check_choice("optim", self.optim, OPTIM_CHOICES)
         _check_choice("precision", self.precision, PRECISION_CHOICES)
@@ -125,6 +128,7 @@ class Config:
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
         values["lr_decay_milestones"] = list(self.lr_decay_milestones)
+        values["plugins"] = list(self.plugins)
         return values
 
     def to_json(self) -> str:

@@ -1,19 +1,29 @@
-"""Datasets: the catalogue of names, readers of their files, and the batch pipelines."""
+"""Datasets: the catalogue of names, readers of their files, and the batch pipelines.
 
-from keras_local.data.catalogue import DATASETS, DatasetInfo, get_dataset_info, list_datasets
-from keras_local.data.idx import DataFileError, read_idx, write_idx
-from keras_local.data.loading import DatasetUnavailableError, load_arrays
-from keras_local.data.pipeline import (
-    augment_image,
-    class_limited_order,
-    cutout,
-    make_datasets,
-    make_numpy_datasets,
-    normalise,
-    tensorflow_available,
-)
+Attributes are imported on first use (``keras_local._lazy``), so reading the catalogue
+starts no Keras backend.
+"""
 
-__all__ = ["DATASETS", "DatasetInfo", "get_dataset_info", "list_datasets", "DataFileError",
-           "read_idx", "write_idx", "DatasetUnavailableError", "load_arrays", "augment_image",
-           "class_limited_order", "cutout", "make_datasets", "make_numpy_datasets", "normalise",
-           "tensorflow_available"]
+from keras_local._lazy import lazy_exports
+
+_EXPORTS = {
+    "DATASETS": "keras_local.data.catalogue",
+    "DatasetInfo": "keras_local.data.catalogue",
+    "get_dataset_info": "keras_local.data.catalogue",
+    "list_datasets": "keras_local.data.catalogue",
+    "register_dataset": "keras_local.data.catalogue",
+    "DataFileError": "keras_local.data.idx",
+    "read_idx": "keras_local.data.idx",
+    "write_idx": "keras_local.data.idx",
+    "DatasetUnavailableError": "keras_local.data.loading",
+    "load_arrays": "keras_local.data.loading",
+    "augment_image": "keras_local.data.pipeline",
+    "class_limited_order": "keras_local.data.pipeline",
+    "cutout": "keras_local.data.pipeline",
+    "make_datasets": "keras_local.data.pipeline",
+    "make_numpy_datasets": "keras_local.data.pipeline",
+    "normalise": "keras_local.data.pipeline",
+    "tensorflow_available": "keras_local.data.pipeline",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -30,8 +30,18 @@ def _digits():
     return tuple(str(i) for i in range(10))
 
 
-DATASETS = {
-    info.name: info for info in [
+DATASETS = {}
+
+
+def register_dataset(info):
+    """Add ``info`` (a DatasetInfo) to the catalogue under ``info.name``."""
+    if info.name in DATASETS:
+        raise ValueError(f"dataset {info.name!r} is already registered")
+    DATASETS[info.name] = info
+    return info
+
+
+for _info in [
         DatasetInfo("mnist", "mnist", (28, 28, 1), 10, (0.1307,), (0.3081,), crop_padding=2,
                     class_names=_digits()),
         DatasetInfo("fashion_mnist", "fashion_mnist", (28, 28, 1), 10, (0.286,), (0.353,),
@@ -51,8 +61,8 @@ DATASETS = {
                     (0.260, 0.257, 0.271),
                     class_names=("airplane", "bird", "car", "cat", "deer", "dog", "horse",
                                  "monkey", "ship", "truck")),
-    ]
-}
+]:
+    register_dataset(_info)
 
 
 def list_datasets():

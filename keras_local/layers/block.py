@@ -5,16 +5,15 @@ from keras import ops
 
 from keras_local.layers.feedback import LabelProjection
 from keras_local.layers.heads import PredHead, SimHead, torch_kernel_initializer
-from keras_local.losses import LocalLossInputs, get_local_loss
+from keras_local.local_losses import LocalLossInputs, get_local_loss
 from keras_local.losses import error_percent
 
 BLOCK_KINDS = ("dense", "conv")
 
 # Every random part of a block draws from its own seed: block_seed + offset. Keras's
 # seeded initialisers replay the same stream for the same integer, so two parts (or two
-# blocks, see SEED_STRIDE) sharing a seed would start as scaled copies of each other.
+# blocks, see keras_local.models.common.SEED_STRIDE) sharing a seed would start as scaled copies of each other.
 SEED_OFFSETS = {"encoder": 0, "dropout": 1, "sim_head": 2, "projection": 3, "feedback": 4}
-SEED_STRIDE = 100  # distance between the seeds of consecutive blocks
 
 
 def part_seed(block_seed, part):

@@ -1,7 +1,8 @@
 """What every architecture family shares: block seeds, block options from the Config,
-and the fully connected local blocks that end every network."""
+and the fully connected local blocks that end every network. Keras is imported inside
+the functions (see ``keras_local.models``)."""
 
-from keras_local.layers.block import SEED_STRIDE, LocalBlock
+SEED_STRIDE = 100  # distance between the seeds of consecutive blocks (LocalBlock.part_seed)
 
 
 def block_seed(config, index):
@@ -25,6 +26,8 @@ def block_kwargs(config, num_classes):
 
 def dense_blocks(config, num_classes, first_index):
     """``num_layers`` Dense local blocks of ``num_hidden`` units, named from ``first_index``."""
+    from keras_local.layers.block import LocalBlock
+
     return [
         LocalBlock("dense", config.num_hidden, seed=block_seed(config, first_index + i),
                    name=f"block_{first_index + i}", **block_kwargs(config, num_classes))

@@ -2,10 +2,13 @@
 
 A builder turns ``(input_shape, num_classes, config)`` into the ordered feature layers
 of a LocalModel: LocalBlocks and parameter-free layers (max-pool, flatten). Families
-register their names in their own module (``mlp.py``, ``vgg.py``); importing
-``keras_local.models`` imports them all.
+register their names in their own module (``mlp.py``, ``vgg.py``, listed in
+``FAMILIES``), imported on the first look-up.
 """
 
+import importlib
+
+FAMILIES = ("keras_local.models.mlp", "keras_local.models.vgg")
 MODELS = {}
 
 
@@ -20,12 +23,19 @@ def register_model(name, builder=None):
     return decorator(builder) if builder is not None else decorator
 
 
+def _import_families():
+    for module in FAMILIES:
+        importlib.import_module(module)
+
+
 def list_models():
     """Every registered architecture name, in registration order."""
+    _import_families()
     return list(MODELS)
 
 
 def build_feature_layers(name, input_shape, num_classes, config):
+    _import_families()
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     return MODELS[name](tuple(input_shape), num_classes, config)

@@ -2,9 +2,6 @@
 
 import functools
 
-import keras
-
-from keras_local.layers.block import LocalBlock
 from keras_local.models.common import block_kwargs, block_seed, dense_blocks
 from keras_local.models.registry import register_model
 
@@ -30,6 +27,10 @@ LARGE_INPUT_SIZE = 64
 def vgg_layers(name, input_shape, num_classes, config):
     """Conv local blocks and 2x2 max-pools per VGG_CHANNELS[name], channels times
     ``feat_mult``, then ``num_layers`` Dense local blocks."""
+    import keras
+
+    from keras_local.layers.block import LocalBlock
+
     if len(input_shape) != 3:
         raise ValueError(f"{name} needs (height, width, channels) inputs, got {input_shape}")
     layers, index, pool_index = [], 0, 0

@@ -1,0 +1,88 @@
+"""The registry of local losses: name -> the heads a block needs, the terms it reports,
+and how it combines them. Free of Keras imports, so that the CLI can list the names
+before a backend is chosen; the maths lives in ``keras_local.losses`` and the heads.
+
+Researchers add a loss with ``@register_local_loss(name, heads=(...), metrics=(...))``
+in their own module (``train.py --plugin MODULE`` imports it), then select it by name
+(``Config(loss_sup=name)``, ``--loss-sup name``).
+"""
+
+import dataclasses
+from typing import Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalLossInputs:
+    """What a local loss may read: the block's heads, its input, h (its activation before
+    dropout), the one-hot labels, beta, and the block itself (for any further option)."""
+
+    heads: dict
+    inputs: object
+    h: object
+    labels_onehot: object
+    beta: float
+    block: object = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalLoss:
+    """A registered local loss: the heads a block needs, the scalar terms reported as block
+    metrics (``<block>_<term>``), and ``compute(LocalLossInputs) -> dict`` of terms.
+
+    ``compute`` returns "loss" (what trains the block), every name of ``metrics``, and
+    optionally "scores" (class scores, B x num_classes) for the local-head error.
+    """
+
+    name: str
+    heads: tuple  # subset of ("pred", "sim")
+    metrics: tuple
+    compute: Callable
+
+
+LOCAL_LOSSES = {}
+
+
+def register_local_loss(name, heads, metrics=None):
+    """Register ``compute`` under ``name`` (decorator). ``metrics``: the terms reported
+    per block; default "pred_loss" / "sim_loss" for the heads used."""
+    if metrics is None:
+        metrics = tuple(f"{head}_loss" for head in heads)
+
+    def decorator(compute):
+        LOCAL_LOSSES[name] = LocalLoss(name=name, heads=tuple(heads), metrics=tuple(metrics),
+                                       compute=compute)
+        return compute
+
+    return decorator
+
+
+def list_local_losses():
+    return list(LOCAL_LOSSES)
+
+
+def get_local_loss(name):
+    if name not in LOCAL_LOSSES:
+        raise ValueError(f"unknown local loss {name!r}; choose one of {', '.join(LOCAL_LOSSES)}")
+    return LOCAL_LOSSES[name]
+
+
+@register_local_loss("pred", heads=("pred",))
+def _pred(x):
+    loss, scores = x.heads["pred"].loss_and_scores(x.h, x.labels_onehot)
+    return {"loss": loss, "pred_loss": loss, "scores": scores}
+
+
+@register_local_loss("sim", heads=("sim",))
+def _sim(x):
+    loss = x.heads["sim"].loss(x.h, x.labels_onehot)
+    return {"loss": loss, "sim_loss": loss}
+
+
+@register_local_loss("predsim", heads=("pred", "sim"))
+def _predsim(x):
+    from keras_local.losses import predsim_loss  # Keras maths; imported when training
+
+    pred, scores = x.heads["pred"].loss_and_scores(x.h, x.labels_onehot)
+    sim = x.heads["sim"].loss(x.h, x.labels_onehot)
+    return {"loss": predsim_loss(pred, sim, x.beta), "pred_loss": pred, "sim_loss": sim,
+            "scores": scores}
