@@ -15,7 +15,7 @@ import zipfile
 import keras
 
 from keras_local.exporting import FORMATS, ExportError, export_model
-from keras_local.models.local_model import LocalModel  # importing it registers it for load_model
+from keras_local.models.local_model import LocalModel, load_model
 
 EXIT_EXPORT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -76,7 +76,7 @@ def load_local_model(model_file):
     if not zipfile.is_zipfile(model_file):
         raise BadInput(f"{model_file} is not a .keras model file (not a zip archive)")
     try:
-        model = keras.models.load_model(model_file, compile=False)
+        model = load_model(model_file, compile=False)
     except Exception as error:  # untrusted file: any failure to parse is bad input
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else \
             type(error).__name__

@@ -20,6 +20,7 @@ _EXPORTS = {
     "register_local_loss": "keras_local.local_losses",
     "LocalModel": "keras_local.models",
     "build_model": "keras_local.models",
+    "load_model": "keras_local.models",
     "list_models": "keras_local.models",
     "register_model": "keras_local.models",
     "VGG_CHANNELS": "keras_local.models.vgg",

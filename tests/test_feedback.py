@@ -239,7 +239,7 @@ def test_projection_and_feedback_survive_save_and_load(tmp_path, rng):
     saved = bio_variables(model)
     path = tmp_path / "bio.keras"
     model.save(path)
-    loaded = keras.models.load_model(path)
+    loaded = kl.load_model(path)
     assert loaded.config.bio and loaded.config == model.config
     reloaded = bio_variables(loaded)
     assert reloaded.keys() == saved.keys()

@@ -154,7 +154,7 @@ def test_save_and_load_round_trip(tmp_path, rng):
     model.train_on_batch(x, y)
     path = tmp_path / "model.keras"
     model.save(path)
-    loaded = keras.models.load_model(path)
+    loaded = kl.load_model(path)
     assert isinstance(loaded, kl.LocalModel) and loaded.config == model.config
     np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)),
                                keras.ops.convert_to_numpy(model(x)), atol=1e-6)

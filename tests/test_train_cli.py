@@ -74,7 +74,7 @@ def test_cli_trains_fashion_mnist_end_to_end(tmp_path, fashion_mnist_dir):
     results = json.load(open(os.path.join(run_dir, "results.json")))
     assert results["test_error"] == pytest.approx(float(rows[0]["val_error"]), abs=1e-3)
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "last.keras"))
-    model = keras.models.load_model(os.path.join(run_dir, "model.keras"))
+    model = kl.load_model(os.path.join(run_dir, "model.keras"))
     assert isinstance(model, kl.LocalModel) and len(model.local_blocks) == 3
     export_dir = os.path.join(run_dir, "export")
     metadata = json.load(open(os.path.join(export_dir, "metadata.json")))
@@ -108,7 +108,7 @@ def test_killed_run_resumes_with_identical_optimizer_iterations(tmp_path):
 
     result = train_cli("--resume", run_dir, "--quiet", "--no-export")
     assert result.returncode == 0, result.stderr[-2000:]
-    model = keras.models.load_model(os.path.join(run_dir, "model.keras"))
+    model = kl.load_model(os.path.join(run_dir, "model.keras"))
     steps_per_epoch = 4096 // 128
     assert int(model.optimizer.iterations) == 4 * steps_per_epoch
     # the milestone schedule continued: epochs 2 and 3 decayed once and twice
@@ -200,7 +200,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, rng):
     with pytest.raises(NonFiniteLossError, match="epoch 2, batch 1"):
         model.fit(x, y, batch_size=16, epochs=3, verbose=0,
                   callbacks=[PoisonAtEpoch(1), NaNGuard(), AtomicCheckpoint(path)])
-    saved = keras.models.load_model(path)
+    saved = kl.load_model(path)
     assert all(np.all(np.isfinite(keras.ops.convert_to_numpy(v))) for v in saved.weights)
     assert int(saved.optimizer.iterations) == 4  # one epoch of 64 / 16
 

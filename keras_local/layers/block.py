@@ -21,6 +21,7 @@ def part_seed(block_seed, part):
     return None if block_seed is None else block_seed + SEED_OFFSETS[part]
 
 
+@keras.saving.register_keras_serializable(package="keras_local")
 class LocalBlock(keras.layers.Layer):
     """One hidden layer trained by its own local loss.
 

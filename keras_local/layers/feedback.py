@@ -24,6 +24,7 @@ def _fa_matmul(inputs, kernel, bias, feedback):
     return forward(inputs, kernel, bias)
 
 
+@keras.saving.register_keras_serializable(package="keras_local")
 class FeedbackAlignmentDense(keras.layers.Layer):
     """Dense layer trained by feedback alignment (Lillicrap et al. 2014).
 
@@ -69,6 +70,7 @@ class FeedbackAlignmentDense(keras.layers.Layer):
         return {**super().get_config(), "units": self.units, "seed": self.seed}
 
 
+@keras.saving.register_keras_serializable(package="keras_local")
 class LabelProjection(keras.layers.Layer):
     """A fixed random projection P (num_classes x target_proj_size) of one-hot labels.
 

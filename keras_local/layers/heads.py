@@ -39,6 +39,7 @@ def decoder_pool_geometry(channels, size, dim_in_decoder):
     return kernel_h, kernel_w, pad_h, pad_w
 
 
+@keras.saving.register_keras_serializable(package="keras_local")
 class DecoderPooling(keras.layers.Layer):
     """Zero-pad then average-pool with kernel = stride (padding counts in the mean,
     as PyTorch's AvgPool2d does by default); identity for dense inputs or kernel 1x1."""
@@ -85,6 +86,7 @@ class DecoderPooling(keras.layers.Layer):
         return {**super().get_config(), "dim_in_decoder": self.dim_in_decoder}
 
 
+@keras.saving.register_keras_serializable(package="keras_local")
 class PredHead(keras.layers.Layer):
     """Pool (feature maps only) -> flatten -> Dense(num_classes), kernel initialised to 0.
 
@@ -95,15 +97,17 @@ class PredHead(keras.layers.Layer):
     def __init__(self, num_classes, dim_in_decoder, projection=None, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.num_classes = num_classes
-        self.projection = projection
+        self.dim_in_decoder = dim_in_decoder
+        self.seed = seed
+        self.projection = _deserialize_projection(projection)
         self.pool = DecoderPooling(dim_in_decoder, dtype=self.dtype_policy, name="pool")
-        if projection is None:
+        if self.projection is None:
             self.dense = keras.layers.Dense(
                 num_classes, kernel_initializer="zeros", dtype=self.dtype_policy, name="dense"
             )
         else:
             self.dense = FeedbackAlignmentDense(
-                projection.target_proj_size, seed=seed, dtype=self.dtype_policy, name="fa_dense"
+                self.projection.target_proj_size, seed=seed, dtype=self.dtype_policy, name="fa_dense"
             )
 
     def build(self, input_shape):
@@ -126,7 +130,13 @@ class PredHead(keras.layers.Layer):
         scores = ops.matmul(ops.cast(logits, "float32"), ops.transpose(codes))
         return binary_pred_loss(logits, targets), scores
 
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes,
+                "dim_in_decoder": self.dim_in_decoder, "seed": self.seed,
+                "projection": _serialize_projection(self.projection)}
 
+
+@keras.saving.register_keras_serializable(package="keras_local")
 class SimHead(keras.layers.Layer):
     """Conv2D 3x3 'same' without bias (Dense without bias for vectors), then S(.).
 
@@ -136,7 +146,7 @@ class SimHead(keras.layers.Layer):
 
     def __init__(self, dim_in_decoder, projection=None, seed=None, **kwargs):
         super().__init__(**kwargs)
-        self.projection = projection
+        self.projection = _deserialize_projection(projection)
         self.dim_in_decoder = dim_in_decoder
         self.seed = seed
         self.transform = None
@@ -164,3 +174,19 @@ class SimHead(keras.layers.Layer):
     def loss(self, h, labels_onehot):
         targets = labels_onehot if self.projection is None else self.projection(labels_onehot)
         return sim_loss(self(h), targets)
+
+    def get_config(self):
+        return {**super().get_config(), "dim_in_decoder": self.dim_in_decoder, "seed": self.seed,
+                "projection": _serialize_projection(self.projection)}
+
+
+def _serialize_projection(projection):
+    """A head's label projection (bio) as a nested config; the block shares one instance
+    between its heads, a head rebuilt from its config alone gets its own."""
+    return None if projection is None else keras.saving.serialize_keras_object(projection)
+
+
+def _deserialize_projection(projection):
+    if projection is None or isinstance(projection, keras.layers.Layer):
+        return projection
+    return keras.saving.deserialize_keras_object(projection)

@@ -251,3 +251,9 @@ def _on_device(device):
 def build_model(name, input_shape, num_classes, config=None):
     """Build the named architecture (``ARCHITECTURES``) as a LocalModel."""
     return LocalModel(name, input_shape, num_classes, config)
+
+
+def load_model(path, compile=True):
+    """Load a saved LocalModel (``.keras``). Importing this module registers keras-local's
+    classes with Keras; Keras's safe mode stays on."""
+    return keras.saving.load_model(path, compile=compile)
