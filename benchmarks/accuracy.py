@@ -84,7 +84,7 @@ def train_mode(args, mode, csv_path, arrays=None):
     from keras_local.callbacks import milestone_scheduler
     from keras_local.data import load_arrays, make_datasets
     from keras_local.data.catalogue import get_dataset_info
-    from keras_local.models.local_model import build_model
+    from keras_local.training import build_model
     from keras_local.optim import milestone_learning_rate
 
     config = mode_config(args, mode)

@@ -65,7 +65,7 @@ def build_network(name, args):
     from keras_local.config import Config
     from keras_local.data.catalogue import get_dataset_info
     from keras_local.exporting import deployable_model
-    from keras_local.models.local_model import build_model
+    from keras_local.training import build_model
 
     architecture, dataset, options = MODELS[name]
     options = dict(options)

@@ -126,7 +126,7 @@ def child(model_name, mode, args):
     import tensorflow as tf
 
     from keras_local.config import Config
-    from keras_local.models.local_model import build_model
+    from keras_local.training import build_model
 
     config = Config(model=model_name, batch_size=args.batch_size,
                     jit_compile=args.xla != "none", backprop=mode == "backprop", **RECIPE)

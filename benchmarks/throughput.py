@@ -219,7 +219,7 @@ def build(name, mode, xla, args, **overrides):
     import keras
 
     from keras_local.config import Config
-    from keras_local.models.local_model import build_model
+    from keras_local.training import build_model
 
     architecture, input_shape, recipe = MODELS[name]
     options = dict(recipe)

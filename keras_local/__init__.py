@@ -19,7 +19,7 @@ _EXPORTS = {
     "list_local_losses": "keras_local.local_losses",
     "register_local_loss": "keras_local.local_losses",
     "LocalModel": "keras_local.models",
-    "build_model": "keras_local.models",
+    "build_model": "keras_local.training",
     "load_model": "keras_local.models",
     "list_models": "keras_local.models",
     "register_model": "keras_local.models",

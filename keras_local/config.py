@@ -16,9 +16,18 @@ PLACEMENT_CHOICES = ("none", "layerwise")
 BACKEND_CHOICES = ("tensorflow", "jax", "torch")
 
 
+# The network part of a Config: what a saved model carries (LocalModel.get_config). Every
+# other field describes a run (data, schedule, outputs, devices) and lives in the run's
+# config.json only, so that a .keras file holds no paths of the machine that trained it.
+NETWORK_FIELDS = ("model", "num_layers", "num_hidden", "feat_mult", "batch_norm", "nonlin",
+                  "dropout", "dim_in_decoder", "loss_sup", "beta", "backprop", "no_detach",
+                  "bio", "target_proj_size", "precision", "seed")
+
+
 @dataclasses.dataclass
 class Config:
-    """All options of a keras-local run.
+    """All options of a keras-local run: its network part (``NETWORK_FIELDS``,
+    ``network_dict()``) and its run part (``run_dict()``).
 
     Field names follow the reference script's flags (``--lr-decay-milestones`` is
     ``lr_decay_milestones``). ``training_mode`` derives the update rule from
@@ -130,6 +139,16 @@ class Config:
         values["lr_decay_milestones"] = list(self.lr_decay_milestones)
         values["plugins"] = list(self.plugins)
         return values
+
+    def network_dict(self) -> dict:
+        """The options that describe the network (saved with the model)."""
+        values = self.to_dict()
+        return {name: values[name] for name in NETWORK_FIELDS}
+
+    def run_dict(self) -> dict:
+        """The options that describe a run (data, schedule, outputs, devices)."""
+        values = self.to_dict()
+        return {name: value for name, value in values.items() if name not in NETWORK_FIELDS}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

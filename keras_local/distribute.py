@@ -143,12 +143,6 @@ def mean_aggregated_state():
         yield
 
 
-def xla_allowed(config):
-    """Whether the train step may be XLA-compiled: XLA compiles a one-device step, so not
-    with layer-wise placement nor inside a tf.distribute strategy's scope."""
-    return config.placement == "none" and not tf.distribute.has_strategy()
-
-
 # ----------------------------------------------------------------- placement
 def replica_devices():
     """Names of this machine's GPUs, or of its logical CPU devices when it has none."""

@@ -22,7 +22,6 @@ import tempfile
 import keras
 import numpy as np
 
-from keras_local.data.catalogue import get_dataset_info
 
 FORMATS = ("savedmodel", "onnx")
 ONNX_FILE = "model.onnx"
@@ -100,14 +99,14 @@ def deployable_model(model):
     is ``inference_model()`` of ``model`` (rebuilt in float32 for mixed precision).
     """
     model = _float32_model(model)
-    info = get_dataset_info(model.config.dataset)
+    preprocessing = _preprocessing(model)
     shape = tuple(model.example_shape)
-    if len(info.mean) != shape[-1]:
+    if len(preprocessing["mean"]) != shape[-1]:
         raise ValueError(
-            f"model input shape {shape} has {shape[-1]} channels but dataset "
-            f"{info.name!r} normalises {len(info.mean)}")
-    mean = np.asarray(info.mean, dtype="float64")
-    std = np.asarray(info.std, dtype="float64")
+            f"model input shape {shape} has {shape[-1]} channels but its preprocessing "
+            f"normalises {len(preprocessing['mean'])}")
+    mean = np.asarray(preprocessing["mean"], dtype="float64")
+    std = np.asarray(preprocessing["std"], dtype="float64")
     pixels = keras.Input(shape=shape, name=INPUT_NAME, dtype="float32")
     normalised = keras.layers.Rescaling(
         scale=(1.0 / (255.0 * std)).astype("float32"), offset=(-mean / std).astype("float32"),
@@ -155,10 +154,21 @@ def _check_images(images, example_shape):
     return images
 
 
+def _preprocessing(model):
+    """The normalisation and class names the model was trained with (they travel with
+    the model: ``LocalModel.preprocessing``)."""
+    if not model.preprocessing:
+        raise ValueError(
+            "the model has no preprocessing (normalisation, class names): build it with "
+            "keras_local.build_model and a config whose dataset matches its input shape, or "
+            "pass LocalModel(..., preprocessing={'dataset', 'mean', 'std', 'class_names'})")
+    return model.preprocessing
+
+
 def _normalise(model, images):
-    info = get_dataset_info(model.config.dataset)
-    mean = np.asarray(info.mean, dtype="float32")
-    std = np.asarray(info.std, dtype="float32")
+    preprocessing = _preprocessing(model)
+    mean = np.asarray(preprocessing["mean"], dtype="float32")
+    std = np.asarray(preprocessing["std"], dtype="float32")
     return (images / np.float32(255.0) - mean) / std
 
 
@@ -196,7 +206,8 @@ def _float32_model(model):
     from keras_local.models.local_model import LocalModel
 
     copy = LocalModel(model.architecture, model.example_shape, model.num_classes,
-                      model.config.replace(precision="float32"))
+                      model.config.replace(precision="float32"),
+                      preprocessing=model.preprocessing)
     for target, source in zip(copy.backbone_variables(), model.backbone_variables()):
         if tuple(target.shape) != tuple(source.shape):
             raise ExportError(f"cannot rebuild in float32: {source.path} has shape "
@@ -253,19 +264,19 @@ def _metadata(model, network, formats, directory, parity, test_error, run_config
     import tensorflow as tf
     import tf2onnx
 
-    info = get_dataset_info(model.config.dataset)
-    class_names = list(info.class_names) or [str(i) for i in range(model.num_classes)]
+    preprocessing = _preprocessing(model)
+    class_names = list(preprocessing["class_names"]) or [str(i) for i in range(model.num_classes)]
     if len(class_names) != model.num_classes:
-        raise ValueError(f"dataset {info.name!r} has {len(class_names)} class names but the "
-                         f"model has {model.num_classes} outputs")
+        raise ValueError(f"dataset {preprocessing['dataset']!r} has {len(class_names)} class "
+                         f"names but the model has {model.num_classes} outputs")
     return {
         "format_version": 1,
         "architecture": model.architecture,
-        "dataset": info.name,
+        "dataset": preprocessing["dataset"],
         "input": {"name": INPUT_NAME, "shape": [None] + list(model.example_shape),
                   "dtype": "float32", "layout": "NHWC", "range": [0, 255]},
         "output": {"name": OUTPUT_NAME, "shape": [None, model.num_classes]},
-        "normalisation": {"mean": list(info.mean), "std": list(info.std),
+        "normalisation": {"mean": list(preprocessing["mean"]), "std": list(preprocessing["std"]),
                           "note": "inside the graph: feed raw pixels"},
         "class_names": class_names,
         "parameter_count": int(network.count_params()),

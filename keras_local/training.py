@@ -34,8 +34,9 @@ from keras_local.data import (
     make_numpy_datasets,
     tensorflow_available,
 )
-from keras_local.data.catalogue import get_dataset_info
-from keras_local.models.local_model import build_model
+from keras_local.data.catalogue import get_dataset_info, list_datasets
+from keras_local.models.local_model import LocalModel
+from keras_local.models.local_model import check_network_support
 
 
 class NotARunError(ValueError):
@@ -100,6 +101,59 @@ class PreparedRun:
     test: tuple
     model: keras.Model
     strategy: object = None  # tf.distribute.Strategy on TensorFlow, else None
+
+
+def check_backend_support(config, backend):
+    """ValueError, naming the backend that supports them, for options this backend
+    cannot train with; everything else trains the same on every backend."""
+    if backend != "tensorflow":
+        options = []
+        if config.pipeline:
+            options.append("the pipelined mode (pipeline=True)")
+        if config.placement != "none":
+            options.append(f"placement={config.placement!r}")
+        if config.strategy in ("mirrored", "multiworker"):
+            options.append(f"strategy={config.strategy!r}")
+        if options:
+            raise ValueError(
+                f"{' and '.join(options)}: supported on the tensorflow backend only, but Keras "
+                f"is running on {backend!r}; set KERAS_BACKEND=tensorflow (train.py --backend "
+                f"tensorflow) or leave these options at their defaults")
+    check_network_support(config, backend)
+
+
+def build_model(name, input_shape, num_classes, config=None):
+    """The named architecture (``list_models()``) as a LocalModel for a run of ``config``:
+    this is where the run's options reach the model. Layer-wise placement, the pipelined
+    executor and (on TensorFlow) the replica-state scope of the variables are decided here
+    and handed to the model; the dataset's normalisation travels with it when
+    ``config.dataset`` is a known dataset of that input shape."""
+    config = Config() if config is None else config
+    backend = keras.backend.backend()
+    check_backend_support(config, backend)
+    placement = variable_scope = None
+    if backend == "tensorflow":
+        distribute = _distribute()
+        if config.pipeline or config.placement != "none":
+            distribute.check_scale_out(config)
+        if config.placement == "layerwise":
+            placement = distribute.layerwise_devices
+        variable_scope = distribute.mean_aggregated_state  # BatchNorm statistics: replica mean
+    return LocalModel(name, input_shape, num_classes, config, placement=placement,
+                      pipelined=config.pipeline, variable_scope=variable_scope,
+                      preprocessing=_preprocessing(config.dataset, input_shape, num_classes))
+
+
+def _preprocessing(dataset, input_shape, num_classes):
+    """The dataset's name, normalisation and class names, or None when ``dataset`` is
+    unknown or does not match the model's inputs."""
+    if dataset not in list_datasets():
+        return None
+    info = get_dataset_info(dataset)
+    if tuple(info.input_shape) != tuple(input_shape) or info.num_classes != num_classes:
+        return None
+    return {"dataset": info.name, "mean": list(info.mean), "std": list(info.std),
+            "class_names": list(info.class_names)}
 
 
 def make_run_strategy(config):

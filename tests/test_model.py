@@ -155,7 +155,8 @@ def test_save_and_load_round_trip(tmp_path, rng):
     path = tmp_path / "model.keras"
     model.save(path)
     loaded = kl.load_model(path)
-    assert isinstance(loaded, kl.LocalModel) and loaded.config == model.config
+    assert isinstance(loaded, kl.LocalModel)
+    assert loaded.config.network_dict() == model.config.network_dict()  # the run part stays out
     np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)),
                                keras.ops.convert_to_numpy(model(x)), atol=1e-6)
 

@@ -87,3 +87,25 @@ def test_block_local_loss_survives_round_trip():
         layer(MAP, training=False, labels=LABELS)
         losses.append(float(keras.ops.convert_to_numpy(layer.losses[0])))
     assert losses[0] == losses[1] and losses[0] > 0
+
+
+def test_saved_model_carries_the_network_not_the_run(tmp_path):
+    import zipfile
+
+    import keras_local as kl
+    from keras_local.data import get_dataset_info
+
+    config = kl.Config(dataset="fashion_mnist_demo", data_dir="/secret/data/dir",
+                       save_dir="/secret/save/dir", model="mlp", num_layers=1, num_hidden=8,
+                       lr=0.123, epochs=7)
+    model = kl.build_model("mlp", (28, 28, 1), 10, config)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    with zipfile.ZipFile(path) as archive:
+        stored = archive.read("config.json").decode()
+    assert "/secret" not in stored and "save_dir" not in stored and "epochs" not in stored
+    loaded = kl.load_model(path, compile=False)
+    assert loaded.config.network_dict() == config.network_dict()
+    assert loaded.preprocessing == {"dataset": "fashion_mnist_demo", "mean": [0.286],
+                                    "std": [0.353], "class_names": list(
+                                        get_dataset_info("fashion_mnist").class_names)}

@@ -27,16 +27,30 @@ class LocalModel(keras.Model):
 
     Metrics: ``loss`` (output cross-entropy, unscaled), ``error`` (%), and for
     every block ``block_k_pred_loss``, ``block_k_sim_loss``, ``block_k_error``.
+
+    The model knows its network, not the run: whoever builds it for a run
+    (``keras_local.training.build_model``) hands it
+      - ``placement``: a function ``feature_layers -> (device per layer, output device)``
+        (layer-wise placement), or None;
+      - ``pipelined``: train with the pipelined executor (boundary buffers);
+      - ``variable_scope``: a context manager the variables are created in (replica-state
+        aggregation under tf.distribute), or None;
+      - ``preprocessing``: ``{"dataset", "mean", "std", "class_names"}`` of its inputs,
+        saved with the model and used by the export.
+    Only the network part of ``config`` (``Config.network_dict``) is saved with it.
     """
 
-    def __init__(self, architecture, input_shape, num_classes, config=None, **kwargs):
+    def __init__(self, architecture, input_shape, num_classes, config=None, placement=None,
+                 pipelined=False, variable_scope=None, preprocessing=None, **kwargs):
         super().__init__(**kwargs)
         if config is None:
             config = Config()
         elif isinstance(config, dict):
             config = Config.from_dict(config)
-        _check_backend_support(config, keras.backend.backend())
+        check_network_support(config, keras.backend.backend())
         self.config = config
+        self.placement = placement
+        self.preprocessing = preprocessing
         self.architecture = architecture
         self.example_shape = tuple(input_shape)
         self.num_classes = num_classes
@@ -49,11 +63,11 @@ class LocalModel(keras.Model):
             dtype=config.precision, name="output")
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.error_tracker = keras.metrics.Mean(name="error")
-        with _replica_state_scope():  # BatchNorm moving statistics: mean over replicas
+        with variable_scope() if variable_scope else contextlib.nullcontext():
             self.build((None,) + self.example_shape)
         self.xla_update = False  # set by compile
         self.pipeline_buffers = None
-        if config.pipeline:
+        if pipelined:
             from keras_local.steps.pipeline import PipelineBuffers
 
             self.pipeline_buffers = PipelineBuffers(self)
@@ -73,13 +87,11 @@ class LocalModel(keras.Model):
         self.built = True
 
     def layer_devices(self):
-        """(device of each feature layer, device of the output layer) under layer-wise
-        placement (``keras_local.distribute.layerwise_devices``); all None without."""
-        if self.config.placement != "layerwise":
+        """(device of each feature layer, device of the output layer) under the placement
+        the model was given; all None without."""
+        if self.placement is None:
             return [None] * len(self.feature_layers), None
-        from keras_local.distribute import layerwise_devices
-
-        return layerwise_devices(self.feature_layers)
+        return self.placement(self.feature_layers)
 
     @property
     def local_blocks(self):
@@ -134,11 +146,9 @@ class LocalModel(keras.Model):
             optimizer = make_optimizer(self.config)
         if jit_compile is None:
             # config.jit_compile means XLA (TensorFlow, JAX); torch.compile is opt-in.
-            jit_compile = self.config.jit_compile and keras.backend.backend() != "torch"
-            if jit_compile and keras.backend.backend() == "tensorflow":
-                from keras_local.distribute import xla_allowed
-
-                jit_compile = xla_allowed(self.config)  # not under a strategy or placement
+            # XLA compiles a one-device step: not with placement nor under a strategy.
+            jit_compile = (self.config.jit_compile and keras.backend.backend() != "torch"
+                           and self.placement is None and not _under_strategy())
         has_conv = any(block.kind == "conv" for block in self.local_blocks)
         self.xla_update = (bool(jit_compile) and keras.backend.backend() == "tensorflow"
                            and has_conv)
@@ -191,12 +201,14 @@ class LocalModel(keras.Model):
 
     # ------------------------------------------------------------- serialisation
     def get_config(self):
+        """The network only: no run options, no paths of the machine that trained it."""
         return {
             "name": self.name,
             "architecture": self.architecture,
             "input_shape": list(self.example_shape),
             "num_classes": self.num_classes,
-            "config": self.config.to_dict(),
+            "config": self.config.network_dict(),
+            "preprocessing": self.preprocessing,
         }
 
     @classmethod
@@ -204,23 +216,8 @@ class LocalModel(keras.Model):
         return cls(**config)
 
 
-def _check_backend_support(config, backend):
-    """ValueError, naming the backend that supports them, for options this backend
-    cannot train with; everything else trains the same on every backend."""
-    if backend == "tensorflow":
-        return
-    options = []
-    if config.pipeline:
-        options.append("the pipelined mode (pipeline=True)")
-    if config.placement != "none":
-        options.append(f"placement={config.placement!r}")
-    if config.strategy in ("mirrored", "multiworker"):
-        options.append(f"strategy={config.strategy!r}")
-    if options:
-        raise ValueError(
-            f"{' and '.join(options)}: supported on the tensorflow backend only, but Keras "
-            f"is running on {backend!r}; set KERAS_BACKEND=tensorflow (train.py --backend "
-            f"tensorflow) or leave these options at their defaults")
+def check_network_support(config, backend):
+    """ValueError for a network option this backend cannot train with."""
     if backend == "torch" and config.precision != "float32":
         # Keras 3.15's torch Variable.assign writes into the autocast copy of a float32
         # variable, so the blocks' metrics (updated inside their mixed-precision calls)
@@ -230,27 +227,22 @@ def _check_backend_support(config, backend):
             f"only, but Keras is running on 'torch'; use precision='float32' on torch")
 
 
-def _replica_state_scope():
-    """``keras_local.distribute.mean_aggregated_state`` on TensorFlow; else no scope."""
+def _under_strategy():
     if keras.backend.backend() != "tensorflow":
-        return contextlib.nullcontext()
-    from keras_local.distribute import mean_aggregated_state
+        return False
+    import tensorflow as tf
 
-    return mean_aggregated_state()
+    return tf.distribute.has_strategy()
 
 
 def _on_device(device):
-    """``tf.device(device)`` under layer-wise placement; no scope when device is None."""
+    """``tf.device(device)`` under layer-wise placement (TensorFlow only); no scope when
+    device is None."""
     if device is None:
         return contextlib.nullcontext()
-    from keras_local.distribute import device_scope
+    import tensorflow as tf
 
-    return device_scope(device)
-
-
-def build_model(name, input_shape, num_classes, config=None):
-    """Build the named architecture (``ARCHITECTURES``) as a LocalModel."""
-    return LocalModel(name, input_shape, num_classes, config)
+    return tf.device(device)
 
 
 def load_model(path, compile=True):

@@ -53,7 +53,7 @@ variable that serialises the stages: give dropout blocks a seed (the architectur
 
 import tensorflow as tf
 
-from keras_local.distribute import check_scale_out, device_scope
+from keras_local.distribute import device_scope
 from keras_local.steps import rule
 from keras_local.steps.tensorflow import TensorFlowExecutor
 from keras_local.steps.tensorflow import test_step  # noqa: F401  (evaluation is not pipelined)
@@ -90,7 +90,6 @@ class PipelineBuffers:
     """
 
     def __init__(self, model):
-        check_scale_out(model.config)
         self.stages = rule.plan(model)
         if len(self.stages) < 2:
             raise ValueError("pipeline needs a model with at least one block, got none")
