@@ -97,7 +97,8 @@ def _load_idx_split(data_dir, split):
     missing = [stem + ".gz" for stem, path in zip((images_stem, labels_stem), paths) if not path]
     if missing:
         raise DataFileError(f"--data-dir {data_dir} lacks {', '.join(missing)}")
-    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    images = read_idx(paths[0], dtype=np.uint8)  # pixels are bytes: float files refused
+    labels = read_idx(paths[1], dtype=np.uint8)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataFileError(
             f"{paths[0]}: expected N x 28 x 28 images matching {len(labels)} labels, "
