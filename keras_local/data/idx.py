@@ -29,7 +29,8 @@ def read_idx(path, limit=None, dtype=None, max_bytes=MAX_IDX_BYTES):
     deflate ratio) and ``max_bytes`` before anything is allocated, and no more than the
     declared bytes are ever decompressed. Raises DataFileError naming the file.
     """
-    opener = gzip.open if str(path).endswith(".gz") else open
+    compressed = str(path).endswith(".gz")
+    opener = gzip.open if compressed else open
     try:
         file_size = os.path.getsize(path)
         with opener(path, "rb") as stream:
@@ -46,8 +47,7 @@ def read_idx(path, limit=None, dtype=None, max_bytes=MAX_IDX_BYTES):
                 raise DataFileError(f"{path}: truncated IDX header")
             dims = [int(d) for d in np.frombuffer(dims_bytes, dtype=">u4")]
             declared = math.prod(dims) * file_dtype.itemsize  # Python ints: no overflow
-            _check_declared_size(path, declared, 4 + 4 * ndim, file_size, opener is gzip.open,
-                                 max_bytes)
+            _check_declared_size(path, declared, 4 + 4 * ndim, file_size, compressed, max_bytes)
             if limit is not None and dims:
                 dims[0] = min(dims[0], limit)
             size = math.prod(dims) * file_dtype.itemsize
