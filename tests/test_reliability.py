@@ -22,7 +22,7 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT}
 TINY = ["--dataset", "fashion_mnist_demo", "--model", "mlp", "--num-layers", "1",
         "--num-hidden", "32", "--max-train-examples", "512", "--batch-size", "64",
         "--dropout", "0.2", "--cutout", "--length", "8", "--seed", "3",
-        "--lr-decay-milestones", "2", "--no-export", "--quiet", "--deterministic"]
+        "--lr-decay-milestones", "2", "--no-export", "--quiet", "--deterministic", "--no-jit"]
 
 
 def run(*args, timeout=300):
@@ -47,13 +47,18 @@ def history_epochs(run_dir):
 
 
 # ------------------------------------------------------------------ resume (breaks 4, 7)
-def test_sigkill_mid_epoch_2_then_resume_gives_the_uninterrupted_weights(tmp_path):
+def test_sigkill_mid_epoch_2_then_resume_gives_the_uninterrupted_weights(tmp_path, capsys):
+    """Exact resume; then the fallbacks of resume on the finished run (see below)."""
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    result = run("train.py", *TINY, "--epochs", "3", "--save-dir", straight)
-    assert result.returncode == 0, result.stderr[-2000:]
-    result = run("tests/kill_mid_epoch.py", "2", "4", *TINY, "--epochs", "3",
-                 "--save-dir", killed)
-    assert result.returncode == -9, result.stderr[-2000:]  # SIGKILL
+    processes = [  # side by side: each spends most of its time importing TensorFlow
+        subprocess.Popen([sys.executable, *args], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+        for args in (["train.py", *TINY, "--epochs", "3", "--save-dir", straight],
+                     ["tests/kill_mid_epoch.py", "2", "4", *TINY, "--epochs", "3",
+                      "--save-dir", killed])]
+    errors = [process.communicate(timeout=300)[1] for process in processes]
+    assert processes[0].returncode == 0, errors[0][-2000:]
+    assert processes[1].returncode == -9, errors[1][-2000:]  # SIGKILL in epoch 2, batch 4
     run_dir = only_run_dir(killed)
     assert not os.path.exists(os.path.join(run_dir, "results.json"))
     assert history_epochs(run_dir) == [0]
@@ -67,41 +72,35 @@ def test_sigkill_mid_epoch_2_then_resume_gives_the_uninterrupted_weights(tmp_pat
     for a, b, variable in zip(actual, expected, reference.weights):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=variable.path)
 
-
-def test_resume_after_the_last_epoch_or_with_a_broken_backup_does_not_retrain(tmp_path):
-    """Killed after the last epoch but before results.json, with a truncated backup:
-    resume falls back to checkpoints/last.keras (notice), trains nothing, duplicates no
-    history row; resuming a finished run is 'nothing to do', exit 0."""
-    save_dir = str(tmp_path / "runs")
-    result = run("train.py", *TINY, "--epochs", "2", "--save-dir", save_dir)
-    assert result.returncode == 0, result.stderr[-2000:]
-    run_dir = only_run_dir(save_dir)
-    _, finished = weights(run_dir)
-    for name in ("results.json", "model.keras"):  # as if killed right after fit()
+    # The uninterrupted run, as if killed after fit() but before results.json, with a
+    # truncated backup: resume falls back to checkpoints/last.keras (one-line notice),
+    # trains nothing, duplicates no history row.
+    run_dir = only_run_dir(straight)
+    for name in ("results.json", "model.keras"):
         os.remove(os.path.join(run_dir, name))
     os.makedirs(os.path.join(run_dir, "backup"))
     with open(os.path.join(run_dir, "backup", "latest.weights.h5"), "wb") as stream:
-        stream.write(b"\x89HDF\r\n\x1a\n" + b"\0" * 40)  # truncated HDF5
+        stream.write(b"\x89HDF\r\n\x1a\n" + b"\0" * 40)
     with open(os.path.join(run_dir, "backup", "training_metadata.json"), "w") as stream:
         json.dump({"epoch": 1, "batch": 0}, stream)
-
-    result = run("train.py", "--resume", run_dir, "--quiet", "--no-export")
-    assert result.returncode == 0, result.stderr[-2000:]
-    notice = [line for line in result.stdout.splitlines() if line.startswith("resume: ")]
-    assert len(notice) == 1 and "backup/ unreadable" in notice[0], result.stdout
-    assert "checkpoints/last.keras after epoch 2" in notice[0]
-    assert history_epochs(run_dir) == [0, 1]
-    model, resumed = weights(run_dir)
-    assert int(model.optimizer.iterations) == 16
-    for a, b in zip(resumed, finished):
+    # No epoch is trained from here on: in this process, without global op determinism.
+    config_path = os.path.join(run_dir, "config.json")
+    config = json.load(open(config_path))
+    json.dump({**config, "deterministic": False}, open(config_path, "w"))
+    capsys.readouterr()
+    assert train_main(["--resume", run_dir, "--quiet", "--no-export"]) == 0
+    out = capsys.readouterr().out
+    notice = [line for line in out.splitlines() if line.startswith("resume: ")]
+    assert len(notice) == 1 and "backup/ unreadable" in notice[0], out
+    assert "checkpoints/last.keras after epoch 3" in notice[0]
+    assert history_epochs(run_dir) == [0, 1, 2]
+    model, again = weights(run_dir)
+    assert int(model.optimizer.iterations) == 24
+    for a, b in zip(again, expected):
         np.testing.assert_array_equal(a, b)
-
-    sys.path.insert(0, ROOT)
-    try:
-        from train import main as train_main
-    finally:
-        sys.path.remove(ROOT)
+    # and once finished: nothing to do, exit 0
     assert train_main(["--resume", run_dir]) == 0
+    assert capsys.readouterr().out.strip() == f"train.py: {run_dir} already finished, nothing to do"
 
 
 def test_resume_without_backup_or_checkpoint_starts_over_and_cuts_history(tmp_path):
@@ -260,3 +259,164 @@ def test_keras_file_asking_for_a_huge_model_is_refused_before_building(tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "549,928,970 parameters" in err and "limit" in err, err
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------- export and predict (1, 3, 5, 8)
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(run dir with config.json + model.keras, its ONNX export dir)."""
+    from keras_local.exporting import export_model
+
+    root = tmp_path_factory.mktemp("reliability")
+    config = keras_local.Config(dataset="fashion_mnist", model="mlp", num_layers=1,
+                                num_hidden=8, jit_compile=False)
+    model = keras_local.build_model("mlp", (28, 28, 1), 10, config)
+    model.compile()
+    run_dir = root / "runs" / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    model.save(run_dir / "model.keras")
+    model.save(run_dir / "checkpoints" / "last.keras")
+    (run_dir / "config.json").write_text(config.to_json())
+    export_model(model, root / "export", formats=("onnx",))
+    return run_dir, root / "export"
+
+
+def tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("out", ["run", "run/checkpoints", "runs"])
+def test_export_never_replaces_its_inputs(exported, out, capsys):
+    from export.__main__ import main as export_main
+
+    run_dir = exported[0]
+    before = tree(run_dir)
+    target = {"run": run_dir, "run/checkpoints": run_dir / "checkpoints",
+              "runs": run_dir.parent}[out]
+    assert export_main([str(run_dir), "--format", "onnx", "--out", str(target),
+                        "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("own input" in err or "not an export" in err), err
+    assert tree(run_dir) == before
+
+
+def test_export_into_an_unwritable_place_is_one_line_exit_2(exported, tmp_path, capsys):
+    from export.__main__ import main as export_main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert export_main([str(exported[0]), "--format", "onnx", "--out",
+                        str(blocker / "export")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cannot write the export"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_export_cleans_killed_staging_and_has_ordinary_permissions(exported, tmp_path):
+    from export.__main__ import main as export_main
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".model.{dead}.abc.partial"  # left by an export killed earlier
+    stale.mkdir()
+    out_dir = tmp_path / "model"
+    assert export_main([str(exported[0] / "model.keras"), "--format", "onnx",
+                        "--out", str(out_dir)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out_dir.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_overwrite_of_a_read_only_export_is_refused(exported, tmp_path, capsys):
+    import shutil
+
+    from export.__main__ import main as export_main
+
+    out_dir = tmp_path / "export"
+    shutil.copytree(exported[1], out_dir)
+    out_dir.chmod(0o555)
+    try:
+        assert export_main([str(exported[0]), "--format", "onnx", "--out", str(out_dir),
+                            "--overwrite"]) == 2
+        assert "not writable" in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    finally:
+        out_dir.chmod(0o755)
+
+
+def test_overwrite_checks_the_old_export_can_be_removed(exported, tmp_path, monkeypatch):
+    """The same refusal as above, on machines where tests run as root: the destination
+    is reported unwritable before anything is written."""
+    import shutil
+
+    from keras_local import exporting
+    from keras_local.exporting import ExportError, check_replaceable
+
+    out_dir = tmp_path / "export"
+    shutil.copytree(exported[1], out_dir)
+    monkeypatch.setattr(exporting.os, "access", lambda path, mode: pathlib_name(path) != "export")
+    with pytest.raises(ExportError, match="is not writable"):
+        check_replaceable(out_dir)
+
+
+def pathlib_name(path):
+    return os.path.basename(str(path))
+
+
+def predict_main(argv):
+    from export.predict import main
+
+    return main([str(a) for a in argv])
+
+
+def copy_export(exported, tmp_path):
+    import shutil
+
+    target = tmp_path / "export"
+    shutil.copytree(exported[1], target)
+    return target
+
+
+def test_predict_verifies_the_model_sha256(exported, tmp_path, capsys):
+    import onnx
+    from onnx import numpy_helper
+
+    export_dir = copy_export(exported, tmp_path)
+    model = onnx.load(export_dir / "model.onnx")
+    weight = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    values = numpy_helper.to_array(weight).copy()
+    values.reshape(-1)[:4] += 1.0  # 16 bytes of weights changed
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    onnx.save(model, export_dir / "model.onnx")
+    pixels = tmp_path / "x.npy"
+    np.save(pixels, np.full((1, 28, 28, 1), 128, "float32"))
+
+    assert predict_main([export_dir / "model.onnx", pixels]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sha256" in err and "--no-verify" in err, err
+    assert predict_main([export_dir / "model.onnx", pixels, "--no-verify"]) == 0
+    assert capsys.readouterr().out.startswith(f"{pixels}[0]: ")
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("shape", "disagrees with the model's"),
+    ("pixels", "raw pixels must lie in [0, 255]"),
+    ("unlisted", "lists no sha256"),
+])
+def test_predict_refuses_inconsistent_input(exported, tmp_path, capsys, damage, message):
+    export_dir = copy_export(exported, tmp_path)
+    metadata = json.loads((export_dir / "metadata.json").read_text())
+    pixels = np.full((1, 28, 28, 1), 128, "float32")
+    if damage == "shape":
+        metadata["input"]["shape"] = [None, 32, 32, 1]
+    elif damage == "pixels":
+        pixels[0, 0, 0, 0] = 300.0
+    else:
+        del metadata["files"]["model.onnx"]
+    (export_dir / "metadata.json").write_text(json.dumps(metadata))
+    np.save(tmp_path / "x.npy", pixels)
+    assert predict_main([export_dir / "model.onnx", tmp_path / "x.npy"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
