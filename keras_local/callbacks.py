@@ -97,6 +97,8 @@ class RandomStreams(keras.callbacks.Callback):
         self.generators = []
 
     def on_train_begin(self, logs=None):
+        if keras.backend.backend() == "jax":
+            return  # JAX's fit() carries the variables itself between its syncs
         self.generators = [(v, int(keras.ops.convert_to_numpy(v)[0]))
                            for v in self.model.non_trainable_variables
                            if v.path.endswith("seed_generator_state")]

@@ -420,3 +420,23 @@ def test_predict_refuses_inconsistent_input(exported, tmp_path, capsys, damage, 
     assert predict_main([export_dir / "model.onnx", tmp_path / "x.npy"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_cifar_pickle_declaring_more_bytes_than_it_holds_is_refused(tmp_path):
+    """A 40-byte pickle whose bytes opcode declares 4 GiB: refused from the opcode
+    stream, before the unpickler would allocate the declared size."""
+    import tracemalloc
+
+    from keras_local.data.idx import DataFileError
+    from keras_local.data.loading import _read_cifar_batch
+
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(b"\x80\x04\x8e" + (1 << 32).to_bytes(8, "little") + b"x" * 29)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataFileError, match="declared|expected 4294967296 bytes"):
+            _read_cifar_batch(str(path), b"labels")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
