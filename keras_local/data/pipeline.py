@@ -86,19 +86,23 @@ def make_datasets(config, train, test, epoch_clock=None):
         epoch = clock.current()
         yield epoch, epoch_order(y_train, config, epoch)
 
-    def positions(epoch, order):
+    images, labels = tf.constant(x_train), tf.constant(y_train)
+
+    def epoch_examples(epoch, order):
         # seed of an example: (config.seed, epoch * 2**32 + position in the epoch)
         slots = epoch * (1 << 32) + tf.range(tf.size(order, out_type=tf.int64))
         seeds = tf.stack([tf.fill(tf.shape(slots), tf.constant(config.seed, tf.int64)),
                           slots], axis=1)
-        return tf.data.Dataset.from_tensor_slices((order, seeds))
+        # gathered 1024 at a time: one gather per example halved the pipeline's speed
+        return (tf.data.Dataset.from_tensor_slices((order, seeds)).batch(1024)
+                .map(lambda index, seed: (tf.gather(images, index), tf.gather(labels, index),
+                                          seed))
+                .unbatch())
 
     examples = tf.data.Dataset.from_generator(epochs, output_signature=(
-        tf.TensorSpec((), tf.int64), tf.TensorSpec((None,), tf.int64))).flat_map(positions)
-    images, labels = tf.constant(x_train), tf.constant(y_train)
+        tf.TensorSpec((), tf.int64), tf.TensorSpec((None,), tf.int64))).flat_map(epoch_examples)
 
-    def augment(index, seed):
-        image, label = tf.gather(images, index), tf.gather(labels, index)
+    def augment(image, label, seed):
         return augment_image(normalise(image, info), seed, info, config), label
 
     train_ds = examples.map(augment, num_parallel_calls=autotune, deterministic=True)
