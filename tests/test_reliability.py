@@ -100,7 +100,8 @@ def test_sigkill_mid_epoch_2_then_resume_gives_the_uninterrupted_weights(tmp_pat
         np.testing.assert_array_equal(a, b)
     # and once finished: nothing to do, exit 0
     assert train_main(["--resume", run_dir]) == 0
-    assert capsys.readouterr().out.strip() == f"train.py: {run_dir} already finished, nothing to do"
+    finished = capsys.readouterr().out.strip()
+    assert finished == f"train.py: {run_dir} already finished, nothing to do"
 
 
 def test_resume_without_backup_or_checkpoint_starts_over_and_cuts_history(tmp_path):
