@@ -112,6 +112,9 @@ def parse_args(argv):
     run.add_argument("--no-export", action="store_true",
                      help="skip the SavedModel/ONNX export at the end")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic TensorFlow kernels (enable_op_determinism): "
+                          "bit-identical reruns and resumes, somewhat slower")
     return p.parse_args(argv)
 
 
@@ -156,18 +159,20 @@ def main(argv=None):
     from keras_local.callbacks import NonFiniteLossError
     from keras_local.cli_errors import USER_ERRORS
     from keras_local.config import Config
-    from keras_local.training import prepare, train_prepared
+    from keras_local.training import RunFinished, prepare, train_prepared
 
     try:
         prepared = prepare(Config(**config_values(args)))
+    except RunFinished as finished:
+        print(f"train.py: {finished}")
+        return 0
     except USER_ERRORS as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     try:
         train_prepared(prepared, verbose=0 if args.quiet else 1, export=not args.no_export)
     except NonFiniteLossError as error:
-        print(f"train.py: error: {error}; stopped, the last good epoch is kept "
-              f"(checkpoints/last.keras, resumable with --resume)", file=sys.stderr)
+        print(f"train.py: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("train.py: interrupted; continue with --resume RUN_DIR", file=sys.stderr)

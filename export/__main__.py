@@ -14,7 +14,8 @@ import zipfile
 
 import keras
 
-from keras_local.exporting import FORMATS, ExportError, export_model
+from keras_local.exporting import FORMATS, ExportError, check_replaceable, export_model
+from keras_local.model_files import ModelFileError, check_keras_file
 from keras_local.models.local_model import LocalModel, load_model
 
 EXIT_EXPORT_FAILED = 1
@@ -61,6 +62,16 @@ def resolve_source(path):
     return model_file, run_config, test_error, path.resolve().name
 
 
+def check_no_overlap(source, model_file, out_dir):
+    """An export never replaces its inputs: ``out_dir`` may not be the source, hold it,
+    or be the model file's folder."""
+    out_dir = out_dir.resolve()
+    for path in (pathlib.Path(source).resolve(), pathlib.Path(model_file).resolve()):
+        if out_dir == path or out_dir in path.parents:
+            raise BadInput(f"--out {out_dir} would replace the export's own input {path}: "
+                           f"choose a directory outside it")
+
+
 def _read_json_object(path):
     try:
         values = json.loads(path.read_text())
@@ -72,9 +83,14 @@ def _read_json_object(path):
 
 
 def load_local_model(model_file):
-    """Load a LocalModel from a .keras file (safe_mode stays on)."""
+    """Load a LocalModel from a .keras file (safe_mode stays on), after bounding what its
+    config would build (``keras_local.model_files``)."""
     if not zipfile.is_zipfile(model_file):
         raise BadInput(f"{model_file} is not a .keras model file (not a zip archive)")
+    try:
+        check_keras_file(model_file)
+    except ModelFileError as error:
+        raise BadInput(str(error)) from None
     try:
         model = load_model(model_file, compile=False)
     except Exception as error:  # untrusted file: any failure to parse is bad input
@@ -92,8 +108,14 @@ def main(argv=None):
     try:
         model_file, run_config, test_error, name = resolve_source(args.source)
         out_dir = pathlib.Path(args.out) if args.out else pathlib.Path("saved_models") / name
+        check_no_overlap(args.source, model_file, out_dir)
         if out_dir.exists() and not args.overwrite:
             raise BadInput(f"{out_dir} already exists (pass --overwrite to replace it)")
+        if out_dir.exists():
+            try:
+                check_replaceable(out_dir)
+            except ExportError as error:
+                raise BadInput(str(error)) from None
         model = load_local_model(model_file)
     except BadInput as error:
         print(f"error: {error}", file=sys.stderr)
@@ -101,6 +123,10 @@ def main(argv=None):
     try:
         metadata = export_model(model, out_dir, formats=args.formats, test_error=test_error,
                                 run_config=run_config, overwrite=args.overwrite)
+    except OSError as error:  # an unwritable or full destination: the user's to fix
+        print(f"error: cannot write the export to {out_dir}: {error.strerror or error}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (ExportError, RuntimeError, ValueError) as error:  # parity, backend, dataset
         print(f"error: export failed: {error}", file=sys.stderr)
         return EXIT_EXPORT_FAILED

@@ -4,12 +4,14 @@ Classifies PNG/JPEG images (converted to the model's channels and resized to its
 size) or ``.npy`` batches of raw pixels (N, H, W, C) or (H, W, C) in [0, 255] with an
 ONNX model written by ``python -m export``; reads ``metadata.json`` beside the model.
 Prints one line per input: the top-k classes with their probabilities. Bad input: one
-line on stderr, exit code 2.
+line on stderr, exit code 2. The model's sha256 must match the one ``metadata.json`` lists
+(``--no-verify`` skips the check).
 
 Needs only onnxruntime, NumPy and Pillow (no TensorFlow).
 """
 
 import argparse
+import hashlib
 import json
 import pathlib
 import sys
@@ -29,8 +31,9 @@ class BadInput(Exception):
     """A model, image or array that cannot be used."""
 
 
-def load_model(model_path):
-    """(onnxruntime session, metadata dict) for an exported model file."""
+def load_model(model_path, verify=True):
+    """(onnxruntime session, metadata dict) for an exported model file; ``verify``: its
+    sha256 must be the one ``metadata.json`` lists (checked before the model is parsed)."""
     model_path = pathlib.Path(model_path)
     if not model_path.is_file():
         raise BadInput(f"model file {model_path} not found")
@@ -39,22 +42,45 @@ def load_model(model_path):
         metadata = json.loads(metadata_path.read_text())
         shape = tuple(int(d) for d in metadata["input"]["shape"][1:])
         class_names = [str(name) for name in metadata["class_names"]]
+        expected_hash = metadata.get("files", {}).get(model_path.name)
     except FileNotFoundError:
         raise BadInput(f"no {METADATA_FILE} beside {model_path}: export the model with "
                        "python -m export") from None
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise BadInput(f"{metadata_path}: not an export metadata file ({error!r})") from None
+    if verify:
+        verify_file(model_path, expected_hash, metadata_path)
     try:
         session = onnxruntime.InferenceSession(str(model_path),
                                                providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own exception types
         raise BadInput(f"cannot load ONNX model {model_path}: "
                        f"{str(error).strip().splitlines()[0][:300]}") from None
+    model_shape = tuple(session.get_inputs()[0].shape[1:])
+    if len(model_shape) != len(shape) or any(
+            isinstance(d, int) and d != m for d, m in zip(model_shape, shape)):
+        raise BadInput(f"{metadata_path}: input shape {list(shape)} disagrees with the "
+                       f"model's {list(model_shape)}")
     num_outputs = session.get_outputs()[0].shape[-1]
     if num_outputs != len(class_names):
         raise BadInput(f"{metadata_path}: {len(class_names)} class names for a model with "
                        f"{num_outputs} outputs")
     return session, {"input_shape": shape, "class_names": class_names}
+
+
+def verify_file(path, expected_hash, metadata_path):
+    """BadInput unless the sha256 of ``path`` is ``expected_hash``."""
+    if not isinstance(expected_hash, str):
+        raise BadInput(f"{metadata_path} lists no sha256 for {path.name}: cannot verify it "
+                       f"(pass --no-verify to use it anyway)")
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected_hash:
+        raise BadInput(f"{path}: sha256 {digest.hexdigest()[:16]}... differs from "
+                       f"{expected_hash[:16]}... listed in {metadata_path}: the file is "
+                       f"damaged or was changed (pass --no-verify to use it anyway)")
 
 
 def read_image(path, input_shape):
@@ -95,6 +121,9 @@ def read_array(path, input_shape):
     batch = np.asarray(array, dtype="float32")
     if not np.isfinite(batch).all():
         raise BadInput(f"{path}: array contains NaN or infinite values")
+    if batch.min() < 0 or batch.max() > 255:
+        raise BadInput(f"{path}: pixel values span [{batch.min():g}, {batch.max():g}]; raw "
+                       f"pixels must lie in [0, 255] (the model normalises them itself)")
     return batch
 
 
@@ -141,6 +170,8 @@ def parse_args(argv):
     parser.add_argument("inputs", nargs="+", help="PNG/JPEG files or .npy arrays of raw pixels")
     parser.add_argument("--top-k", type=_positive_int, default=3,
                         help="classes to print per input (default 3)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the sha256 check of the model against metadata.json")
     return parser.parse_args(argv)
 
 
@@ -154,7 +185,7 @@ def _positive_int(text):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        session, metadata = load_model(args.model)
+        session, metadata = load_model(args.model, verify=not args.no_verify)
         examples = load_inputs(args.inputs, metadata["input_shape"])
     except BadInput as error:
         print(f"error: {error}", file=sys.stderr)

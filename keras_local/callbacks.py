@@ -5,6 +5,7 @@ import math
 import os
 
 import keras
+import numpy as np
 
 from keras_local.optim import milestone_learning_rate
 
@@ -26,9 +27,10 @@ class NaNGuard(keras.callbacks.Callback):
     epoch-end callback runs: the checkpoint and the backup of the last good epoch stay.
     """
 
-    def __init__(self):
+    def __init__(self, run_dir=None):
         super().__init__()
         self.epoch = 0
+        self.run_dir = run_dir
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -37,7 +39,18 @@ class NaNGuard(keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             raise NonFiniteLossError(
-                f"loss became {float(loss)} in epoch {self.epoch + 1}, batch {batch + 1}")
+                f"loss became {float(loss)} in epoch {self.epoch + 1}, batch {batch + 1}"
+                + self._what_is_kept())
+
+    def _what_is_kept(self):
+        """Names only files that exist: in the first epoch no checkpoint was written."""
+        if self.run_dir is None:
+            return ""
+        checkpoint = os.path.join(self.run_dir, "checkpoints", "last.keras")
+        if os.path.isfile(checkpoint):
+            return (f"; stopped, the last good epoch is kept ({checkpoint}, resumable with "
+                    f"--resume {self.run_dir})")
+        return "; stopped before any epoch completed: no checkpoint was written"
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):
@@ -50,14 +63,56 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         self.path = path
 
     def on_epoch_end(self, epoch, logs=None):
-        save_model_atomically(self.model, self.path)
+        save_model_atomically(self.model, self.path, epochs_completed=epoch + 1)
 
 
-def save_model_atomically(model, path):
+def save_model_atomically(model, path, epochs_completed=None):
+    """``model.save(path)`` via a temporary name; ``epochs_completed`` is recorded inside
+    the archive (``keras_local.resume``), so a model and its epoch never disagree."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     temporary = path[: -len(".keras")] + ".partial.keras"
     model.save(temporary)
+    if epochs_completed is not None:
+        from keras_local.resume import record_checkpoint_epochs
+
+        record_checkpoint_epochs(temporary, epochs_completed)
     os.replace(temporary, path)
+
+
+class RandomStreams(keras.callbacks.Callback):
+    """Makes every random stream of a training step a function of (seed, epoch, step), so
+    that a run resumed after a crash draws exactly what the uninterrupted run drew:
+
+    - ``clock.epoch`` tells the data pipeline which epoch it feeds (tf.data's
+      ``reshuffle_each_iteration`` counts the epochs of this process, not of the run);
+    - before every step each SeedGenerator (dropout) is set to (its seed, step * stride):
+      Keras saves no SeedGenerator state in checkpoints or backups.
+    Must come first in the callback list (before the epoch's data is read)."""
+
+    STRIDE = 1 << 16  # draws one generator may make in one step
+
+    def __init__(self, clock=None):
+        super().__init__()
+        self.clock = clock
+        self.generators = []
+
+    def on_train_begin(self, logs=None):
+        if keras.backend.backend() == "jax":
+            return  # JAX's fit() carries the variables itself between its syncs
+        self.generators = [(v, int(keras.ops.convert_to_numpy(v)[0]))
+                           for v in self.model.non_trainable_variables
+                           if v.path.endswith("seed_generator_state")]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.clock is not None:
+            self.clock.epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if not self.generators:
+            return
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        for variable, seed in self.generators:
+            variable.assign(np.asarray([seed, step * self.STRIDE], dtype=variable.dtype))
 
 
 def is_block_metric(name):

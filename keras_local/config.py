@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Optional
 
 from keras_local.local_losses import list_local_losses
@@ -78,6 +79,8 @@ class Config:
     strategy: str = "auto"
     placement: str = "none"
     pipeline: bool = False
+    # reproducibility
+    deterministic: bool = False  # tf.config.experimental.enable_op_determinism()
 
     def __post_init__(self):
         self.lr_decay_milestones = tuple(int(m) for m in self.lr_decay_milestones)
@@ -114,6 +117,18 @@ class Config:
             )
         if self.max_train_examples is not None:
             _check_positive("max_train_examples", self.max_train_examples)
+        for name in ("lr", "weight_decay", "momentum", "lr_decay_fact", "feat_mult", "beta",
+                     "dropout"):
+            _check_finite(name, getattr(self, name))
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (the similarity matrix and BatchNorm "
+                             f"compare the examples of a batch), got {self.batch_size}")
+        _check_positive("length", self.length)
+        if self.classes_per_batch < 0:
+            raise ValueError(f"classes_per_batch must be >= 0 (0 = ordinary shuffling), "
+                             f"got {self.classes_per_batch}")
+        if not 0 <= self.momentum <= 1:
+            raise ValueError(f"momentum must be in [0, 1], got {self.momentum}")
 
     @property
     def training_mode(self) -> str:
@@ -165,6 +180,11 @@ class Config:
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _check_finite(name, value):
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
 
 
 def _check_positive(name, value):

@@ -62,6 +62,8 @@ def export_model(model, out_dir, formats=FORMATS, check_images=None, test_error=
     out_dir = pathlib.Path(out_dir).resolve()
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"export directory {out_dir} already exists")
+    if out_dir.exists():
+        check_replaceable(out_dir)
     images = _check_images(check_images, model.example_shape)
 
     float_model = _float32_model(model)
@@ -70,8 +72,10 @@ def export_model(model, out_dir, formats=FORMATS, check_images=None, test_error=
     with tf.device("/CPU:0"):
         reference = _reference_logits(float_model, images)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial",
-                                            dir=out_dir.parent))
+    _remove_stale_staging(out_dir)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.",
+                                            suffix=".partial", dir=out_dir.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; an export is an ordinary folder
     try:
         parity = {}
         if "savedmodel" in formats:
@@ -302,6 +306,43 @@ def _file_hashes(directory):
     return hashes
 
 
+def check_replaceable(out_dir):
+    """ExportError unless ``out_dir`` is a previous export that can be deleted: an
+    export never replaces anything else (a run directory, a checkpoint folder...)."""
+    out_dir = pathlib.Path(out_dir)
+    if not out_dir.is_dir() or not (out_dir / METADATA_FILE).is_file():
+        raise ExportError(f"{out_dir} is not an export directory (no {METADATA_FILE}): "
+                          f"refusing to replace it")
+    for folder in [out_dir.parent, out_dir] + [p for p in out_dir.rglob("*") if p.is_dir()]:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ExportError(f"cannot replace {out_dir}: {folder} is not writable")
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale_staging(out_dir):
+    """Remove the staging folders of exports to ``out_dir`` whose process is gone
+    (killed before it could clean up); a running export's folder is left alone."""
+    for folder in out_dir.parent.glob(f".{out_dir.name}.*.partial"):
+        pid = folder.name[len(out_dir.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _move_into_place(staging, out_dir):
     """Rename the finished export to ``out_dir``, replacing an old one only now."""
     old = None
@@ -311,4 +352,8 @@ def _move_into_place(staging, out_dir):
         os.rename(out_dir, old)
     os.rename(staging, out_dir)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            shutil.rmtree(old)
+        except OSError as error:
+            raise ExportError(f"exported to {out_dir}, but the previous export could not be "
+                              f"removed from {old}: {error}") from None

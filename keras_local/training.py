@@ -24,6 +24,7 @@ from keras_local.callbacks import (
     AtomicCheckpoint,
     CompactProgbar,
     NaNGuard,
+    RandomStreams,
     milestone_scheduler,
     save_model_atomically,
 )
@@ -35,12 +36,17 @@ from keras_local.data import (
     tensorflow_available,
 )
 from keras_local.data.catalogue import get_dataset_info, list_datasets
+from keras_local.data.pipeline import EpochClock
 from keras_local.models.local_model import LocalModel
 from keras_local.models.local_model import check_network_support
 
 
 class NotARunError(ValueError):
     """--resume was given a directory that is not a keras-local run."""
+
+
+class RunFinished(Exception):
+    """--resume was given a run that already finished: nothing to do."""
 
 
 @dataclasses.dataclass
@@ -66,7 +72,12 @@ def resolve_resume(config):
     except (ValueError, TypeError) as error:
         raise NotARunError(f"--resume {run_dir}: unreadable config.json ({error})") from None
     if os.path.isfile(os.path.join(run_dir, "results.json")):
-        raise NotARunError(f"--resume {run_dir}: this run already finished")
+        raise RunFinished(f"{run_dir} already finished, nothing to do")
+    from keras_local.model_files import check_model_size
+
+    info = get_dataset_info(stored.dataset)
+    check_model_size(stored.model, info.input_shape, info.num_classes, stored,
+                     source=f"--resume {run_dir}: config.json")
     return stored.replace(resume=run_dir)
 
 
@@ -84,6 +95,24 @@ def new_run_dir(config, shared=False):
         suffix += 1
         path = os.path.join(config.save_dir, f"{stem}-{suffix}")
     return path
+
+
+def create_run_dir(config, shared=False):
+    """Create and return a new run directory. ``os.mkdir`` fails if the name exists, so
+    two runs started at the same moment never share one: the loser retries with a suffix."""
+    path = new_run_dir(config, shared=shared)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if shared:
+        os.makedirs(path, exist_ok=True)
+        return path
+    base, suffix = path, 1
+    while True:
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            suffix += 1
+            path = f"{base}-{suffix}"
 
 
 def write_json_atomically(path, payload):
@@ -181,6 +210,10 @@ def prepare(config):
                          f"before importing keras (train.py --backend does)")
     info = get_dataset_info(config.dataset)
     strategy = make_run_strategy(config)  # before any other TensorFlow op
+    if config.deterministic and config.backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     train, test = load_arrays(config)
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
@@ -205,12 +238,25 @@ def train_prepared(prepared, verbose=1, export=True):
     strategy = prepared.strategy
     multi_worker = strategy is not None and _distribute().is_multi_worker(strategy)
     chief = strategy is None or _distribute().is_chief(strategy)
-    run_dir = config.resume or new_run_dir(config, shared=multi_worker)
+    if config.resume:
+        run_dir = config.resume
+    elif chief:
+        run_dir = create_run_dir(config, shared=multi_worker)
+    else:
+        run_dir = new_run_dir(config, shared=multi_worker)
     if not chief:
         # Every worker trains; only the chief writes the run's shared files.
         run_dir = _distribute().per_worker_path(run_dir, strategy)
         export = False
     os.makedirs(run_dir, exist_ok=True)
+    initial_epoch = 0
+    if config.resume:
+        from keras_local.resume import restore
+
+        point = restore(run_dir, model, config.epochs)
+        initial_epoch = point.epochs_completed
+        if point.notice:
+            print(f"resume: {point.notice}")
     if not config.resume:
         write_json_atomically(os.path.join(run_dir, "config.json"), config.to_dict())
     if verbose:
@@ -224,12 +270,14 @@ def train_prepared(prepared, verbose=1, export=True):
     # config.batch_size is per replica (the similarity matrix and BatchNorm see it).
     with_tensorflow = tensorflow_available()
     pipeline = make_datasets if with_tensorflow else make_numpy_datasets
+    clock = EpochClock()
     train_ds, test_ds = pipeline(config.replace(batch_size=config.batch_size * replicas),
-                                 train, test)
+                                 train, test, epoch_clock=clock)
     # BackupAndRestore last: when its epoch-end state exists, the checkpoint, CSV row and
-    # TensorBoard scalars of that epoch exist too.
+    # TensorBoard scalars of that epoch exist too. RandomStreams first (see its doc).
     callbacks = [
-        NaNGuard(),
+        RandomStreams(clock),
+        NaNGuard(run_dir),
         milestone_scheduler(config),
         AtomicCheckpoint(os.path.join(run_dir, "checkpoints", "last.keras")),
         keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"),
@@ -244,7 +292,7 @@ def train_prepared(prepared, verbose=1, export=True):
     if verbose:
         callbacks.append(CompactProgbar())
     model.fit(train_ds, epochs=config.epochs, validation_data=test_ds, shuffle=False,
-                        callbacks=callbacks, verbose=verbose)
+              callbacks=callbacks, verbose=verbose, initial_epoch=initial_epoch)
 
     scores = model.evaluate(test_ds, verbose=0, return_dict=True)
     save_model_atomically(model, os.path.join(run_dir, "model.keras"))

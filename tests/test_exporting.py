@@ -195,13 +195,18 @@ def test_failed_parity_raises_and_leaves_nothing(tmp_path, monkeypatch):
 
 def test_existing_export_is_kept_unless_overwrite(tmp_path):
     out_dir = tmp_path / "export"
-    out_dir.mkdir()
-    (out_dir / "old.txt").write_text("old")
+    export_model(small_model(), out_dir, formats=("onnx",))
     with pytest.raises(FileExistsError, match="already exists"):
         export_model(small_model(), out_dir, formats=("onnx",))
     export_model(small_model(), out_dir, formats=("onnx",), overwrite=True)
     assert sorted(p.name for p in out_dir.iterdir()) == ["metadata.json", "model.onnx"]
     assert leftovers(tmp_path) == []
+    other = tmp_path / "notes"  # overwrite replaces a previous export, nothing else
+    other.mkdir()
+    (other / "old.txt").write_text("old")
+    with pytest.raises(ExportError, match="not an export directory"):
+        export_model(small_model(), other, formats=("onnx",), overwrite=True)
+    assert (other / "old.txt").read_text() == "old"
 
 
 def test_mixed_precision_model_exports_in_float32(tmp_path):

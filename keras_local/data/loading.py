@@ -6,8 +6,10 @@ pipeline (``keras_local.data.pipeline``) and inside the exported model, never in
 stored arrays.
 """
 
+import io
 import os
 import pickle
+import pickletools
 
 import numpy as np
 
@@ -97,12 +99,16 @@ def _load_idx_split(data_dir, split):
     missing = [stem + ".gz" for stem, path in zip((images_stem, labels_stem), paths) if not path]
     if missing:
         raise DataFileError(f"--data-dir {data_dir} lacks {', '.join(missing)}")
-    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    images = read_idx(paths[0], dtype=np.uint8)  # pixels are bytes: float files refused
+    labels = read_idx(paths[1], dtype=np.uint8)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataFileError(
             f"{paths[0]}: expected N x 28 x 28 images matching {len(labels)} labels, "
             f"got shape {images.shape}")
     return images[..., None], labels.astype(np.int32)
+
+
+MAX_CIFAR_FILE_BYTES = 1 << 29  # CIFAR-100's train file, the largest, has 155 MB
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -121,14 +127,34 @@ class _CifarUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
 
 
+def _check_pickle_lengths(path, content):
+    """Lengths declared inside a pickle are untrusted: the unpickler allocates what a
+    bytes opcode declares before reading it. ``pickletools.genops`` reads the opcodes
+    from the file's bytes and fails when a declared length runs past the end."""
+    try:
+        for _ in pickletools.genops(io.BytesIO(content)):
+            pass
+    except ValueError as error:
+        raise DataFileError(f"{path}: not a CIFAR batch file (inconsistent pickle: "
+                            f"{str(error)[:160]})") from None
+
+
 def _read_cifar_batch(path, label_key):
     try:
+        size = os.path.getsize(path)
+        if size > MAX_CIFAR_FILE_BYTES:
+            raise DataFileError(f"{path}: {size:,} bytes, larger than any CIFAR batch file "
+                                f"(limit {MAX_CIFAR_FILE_BYTES:,})")
         with open(path, "rb") as stream:
-            batch = _CifarUnpickler(stream, encoding="bytes").load()
+            content = stream.read()
+        _check_pickle_lengths(path, content)
+        batch = _CifarUnpickler(io.BytesIO(content), encoding="bytes").load()
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[label_key], dtype=np.int32)
     except FileNotFoundError:
         raise DataFileError(f"{path}: missing CIFAR batch file") from None
+    except DataFileError:
+        raise
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, OSError,
             AttributeError, IndexError) as error:
         raise DataFileError(f"{path}: not a CIFAR batch file ({error})") from None

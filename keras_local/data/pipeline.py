@@ -45,38 +45,70 @@ def normalise(images, info):
     return (tf.cast(images, tf.float32) / 255.0 - mean) / std
 
 
-def make_datasets(config, train, test):
-    """(train_ds, test_ds) tf.data pipelines of (normalised image, label) batches."""
+class EpochClock:
+    """The epoch a training pipeline is feeding: set by ``callbacks.RandomStreams`` at
+    each epoch start (so a resumed run feeds epoch e as the uninterrupted run did); when
+    nobody sets it, it counts the passes over the data."""
+
+    def __init__(self):
+        self.epoch = None
+        self.passes = 0
+
+    def current(self):
+        if self.epoch is not None:
+            return self.epoch
+        self.passes += 1
+        return self.passes - 1
+
+
+def epoch_order(labels, config, epoch):
+    """The example order of ``epoch``: a function of (config.seed, epoch) only."""
+    rng = np.random.default_rng([config.seed, epoch])
+    if config.classes_per_batch:
+        return class_limited_order(labels, config.classes_per_batch, config.batch_size, rng)
+    return rng.permutation(len(labels))
+
+
+def make_datasets(config, train, test, epoch_clock=None):
+    """(train_ds, test_ds) tf.data pipelines of (normalised image, label) batches.
+
+    The order and the augmentation of training epoch e depend only on (seed, e, position
+    in the epoch): ``epoch_clock`` says which epoch is being fed (see EpochClock)."""
     import tensorflow as tf
 
     info = get_dataset_info(config.dataset)
     x_train, y_train = train
     x_test, y_test = test
     autotune = tf.data.AUTOTUNE
+    clock = epoch_clock if epoch_clock is not None else EpochClock()
 
-    if config.classes_per_batch:
-        epoch_counter = iter(range(1 << 62))
+    def epochs():
+        epoch = clock.current()
+        yield epoch, epoch_order(y_train, config, epoch)
 
-        def epoch_examples():
-            rng = np.random.default_rng([config.seed, next(epoch_counter)])
-            for index in class_limited_order(y_train, config.classes_per_batch,
-                                             config.batch_size, rng):
-                yield x_train[index], y_train[index]
+    images, labels = tf.constant(x_train), tf.constant(y_train)
 
-        examples = tf.data.Dataset.from_generator(epoch_examples, output_signature=(
-            tf.TensorSpec(x_train.shape[1:], tf.uint8), tf.TensorSpec((), tf.int32)))
-    else:
-        examples = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(
-            len(x_train), seed=config.seed, reshuffle_each_iteration=True)
+    def epoch_examples(epoch, order):
+        # seed of an example: (config.seed, epoch * 2**32 + position in the epoch)
+        slots = epoch * (1 << 32) + tf.range(tf.size(order, out_type=tf.int64))
+        seeds = tf.stack([tf.fill(tf.shape(slots), tf.constant(config.seed, tf.int64)),
+                          slots], axis=1)
+        # gathered 1024 at a time: one gather per example halved the pipeline's speed
+        return (tf.data.Dataset.from_tensor_slices((order, seeds)).batch(1024)
+                .map(lambda index, seed: (tf.gather(images, index), tf.gather(labels, index),
+                                          seed))
+                .unbatch())
 
-    seeds = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True).batch(2)
+    examples = tf.data.Dataset.from_generator(epochs, output_signature=(
+        tf.TensorSpec((), tf.int64), tf.TensorSpec((None,), tf.int64))).flat_map(epoch_examples)
 
-    def augment(example, seed):
-        image, label = example
+    def augment(image, label, seed):
         return augment_image(normalise(image, info), seed, info, config), label
 
-    train_ds = (tf.data.Dataset.zip((examples, seeds))
-                .map(augment, num_parallel_calls=autotune, deterministic=True)
+    train_ds = examples.map(augment, num_parallel_calls=autotune, deterministic=True)
+    if not config.classes_per_batch:  # a known length: Keras shows step N/N from epoch 1
+        train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(len(y_train)))
+    train_ds = (train_ds
                 .batch(config.batch_size)
                 .prefetch(autotune))
     test_ds = (tf.data.Dataset.from_tensor_slices((x_test, y_test))
@@ -128,12 +160,12 @@ def tensorflow_available():
     return importlib.util.find_spec("tensorflow") is not None
 
 
-def make_numpy_datasets(config, train, test):
+def make_numpy_datasets(config, train, test, epoch_clock=None):
     """(train, test) as ``keras.utils.PyDataset``s of NumPy batches: the same
     normalisation and augmentation as ``make_datasets``, for machines without
     TensorFlow (JAX or torch backends). Deterministic under ``config.seed``."""
     info = get_dataset_info(config.dataset)
-    return (NumpyBatches(train, info, config, augment=True),
+    return (NumpyBatches(train, info, config, augment=True, epoch_clock=epoch_clock),
             NumpyBatches(test, info, config.replace(batch_size=max(config.batch_size, 256)),
                          augment=False))
 
@@ -141,21 +173,23 @@ def make_numpy_datasets(config, train, test):
 class NumpyBatches(keras.utils.PyDataset):
     """Shuffled (or, for test, ordered) batches of normalised, augmented NumPy images."""
 
-    def __init__(self, split, info, config, augment):
+    def __init__(self, split, info, config, augment, epoch_clock=None):
         super().__init__()
         self.images, self.labels = split
         self.info, self.config, self.augment = info, config, augment
+        self.clock = epoch_clock
         self.epoch = 0
         self.order = self._epoch_order()
 
     def _epoch_order(self):
+        if self.clock is not None and self.clock.epoch is not None:
+            self.epoch = self.clock.epoch
         if not self.augment:
             return np.arange(len(self.images))
-        rng = np.random.default_rng([self.config.seed, self.epoch])
-        if self.config.classes_per_batch:
-            return class_limited_order(self.labels, self.config.classes_per_batch,
-                                       self.config.batch_size, rng)
-        return rng.permutation(len(self.images))
+        return epoch_order(self.labels, self.config, self.epoch)
+
+    def on_epoch_begin(self):
+        self.order = self._epoch_order()
 
     def __len__(self):
         return -(-len(self.order) // self.config.batch_size)
