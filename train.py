@@ -96,6 +96,9 @@ def parse_args(argv):
     run.add_argument("--no-export", action="store_true",
                      help="skip the SavedModel/ONNX export at the end")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--similarity-examples", type=int, default=64, metavar="N",
+                     help="test images whose similarity matrix TensorBoard shows for every "
+                          "block after each epoch (0 = none)")
     return p.parse_args(argv)
 
 
@@ -124,6 +127,9 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ["KERAS_BACKEND"] = resumed_backend(args.resume) or args.backend  # before Keras
+    from keras_local.quiet import quiet_start
+
+    quiet_start()  # imports TensorFlow without its C++ start-up noise
     from keras_local.callbacks import NonFiniteLossError
     from keras_local.cli_errors import USER_ERRORS
     from keras_local.config import Config

@@ -1,5 +1,9 @@
 """keras-local: deep networks trained without global backpropagation (Nøkland & Eidnes 2019)."""
 
+from keras_local.quiet import quiet_start
+
+quiet_start()  # before Keras imports TensorFlow: no C++ start-up noise (keras_local/quiet.py)
+
 from keras_local.layers import (
     FeedbackAlignmentDense,
     LabelProjection,

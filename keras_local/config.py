@@ -67,6 +67,8 @@ class Config:
     strategy: str = "auto"
     placement: str = "none"
     pipeline: bool = False
+    # TensorBoard
+    similarity_examples: int = 64  # test images of the per-block similarity images; 0 = none
 
     def __post_init__(self):
         self.lr_decay_milestones = tuple(int(m) for m in self.lr_decay_milestones)
@@ -102,6 +104,8 @@ class Config:
             )
         if self.max_train_examples is not None:
             _check_positive("max_train_examples", self.max_train_examples)
+        if self.similarity_examples < 0:
+            raise ValueError(f"similarity_examples must be >= 0, got {self.similarity_examples}")
 
     @property
     def training_mode(self) -> str:
