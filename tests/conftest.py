@@ -118,3 +118,23 @@ def fashion_mnist_small(fashion_mnist_demo):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+    """Two finished 2-epoch runs of a small mlp on 256 demo images, as ``train.py``
+    writes them (no export): {"predsim": run dir, "backprop": run dir}."""
+    import keras
+
+    import keras_local as kl
+    from keras_local.training import run
+
+    save_dir = tmp_path_factory.mktemp("tiny_runs")
+    runs = {}
+    for mode in ("predsim", "backprop"):
+        config = kl.Config(dataset="fashion_mnist_demo", model="mlp", num_layers=2,
+                           num_hidden=16, epochs=2, batch_size=64, max_train_examples=256,
+                           backprop=mode == "backprop", jit_compile=False, save_dir=str(save_dir),
+                           similarity_examples=20, backend=keras.backend.backend())
+        runs[mode] = run(config, verbose=0, export=False).run_dir
+    return runs
