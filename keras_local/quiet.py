@@ -47,7 +47,11 @@ def filtered_stderr(noise):
     """Sends file descriptor 2 (C++ and Python writes alike) to a temporary file; on exit
     writes back the lines that ``noise`` (a bytes regex) does not match, in order."""
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 (a daemon): nothing to keep quiet
+        yield
+        return
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:

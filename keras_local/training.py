@@ -212,7 +212,8 @@ def train_prepared(prepared, verbose=1, export=True):
     save_model_atomically(model, os.path.join(run_dir, "model.keras"))
     result = RunResult(run_dir=run_dir, test_loss=float(scores["loss"]),
                        test_error=float(scores["error"]), epochs_completed=config.epochs)
-    result.images_per_second = len(train[0]) * len(history.epoch) / fit_seconds
+    if history.epoch:  # empty when a resumed run had no epoch left
+        result.images_per_second = len(train[0]) * len(history.epoch) / fit_seconds
     result.wall_seconds = time.perf_counter() - started
     if chief:
         from keras_local.report import read_run
