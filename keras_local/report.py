@@ -128,6 +128,7 @@ def draw_curves(runs, path):
     written to a temporary name first and then renamed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(7.5, 4.5), dpi=100)
     FigureCanvasAgg(figure)
@@ -140,6 +141,7 @@ def draw_curves(runs, path):
         axes.plot(run.epochs, run.test_error, "-", color=colour, marker="o", markersize=3,
                   label=f"{label}: test")
         axes.plot(run.epochs, run.train_error, "--", color=colour, label=f"{label}: train")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("epoch")
     axes.set_ylabel("error (%)")
     axes.grid(True, alpha=0.3)
