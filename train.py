@@ -129,7 +129,7 @@ def main(argv=None):
     os.environ["KERAS_BACKEND"] = resumed_backend(args.resume) or args.backend  # before Keras
     from keras_local.quiet import quiet_start
 
-    quiet_start()  # imports TensorFlow without its C++ start-up noise
+    quiet_start(import_tensorflow=True)  # no C++ start-up noise; tf.data on every backend
     from keras_local.callbacks import NonFiniteLossError
     from keras_local.cli_errors import USER_ERRORS
     from keras_local.config import Config

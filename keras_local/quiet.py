@@ -29,10 +29,19 @@ NOISE = re.compile(
     rb"|^To enable the following instructions: .*rebuild TensorFlow")
 
 
-def quiet_start():
-    """Import TensorFlow (when installed) without its start-up noise; idempotent."""
+def quiet_start(import_tensorflow=None):
+    """Import TensorFlow (when installed) without its start-up noise; idempotent.
+
+    ``import_tensorflow``: None imports it only when Keras will run on it
+    (``KERAS_BACKEND``, default tensorflow), so that ``import keras_local`` on JAX or torch
+    loads no TensorFlow; True imports it whenever it is installed (train.py, whose input
+    pipeline is tf.data on every backend).
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
+    if import_tensorflow is None:
+        import_tensorflow = os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow"
+    if (not import_tensorflow or "tensorflow" in sys.modules
+            or importlib.util.find_spec("tensorflow") is None):
         return
     if os.environ["TF_CPP_MIN_LOG_LEVEL"] in ("0", "1"):
         return
