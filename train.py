@@ -115,6 +115,9 @@ def parse_args(argv):
     run.add_argument("--deterministic", action="store_true",
                      help="deterministic TensorFlow kernels (enable_op_determinism): "
                           "bit-identical reruns and resumes, somewhat slower")
+    run.add_argument("--similarity-examples", type=int, default=64, metavar="N",
+                     help="test images whose similarity matrix TensorBoard shows for every "
+                          "block after each epoch (0 = none)")
     return p.parse_args(argv)
 
 
@@ -149,13 +152,18 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ["KERAS_BACKEND"] = resumed.get("backend") or early.backend  # before Keras
     from keras_local.plugins import PluginError, load_plugins
+    from keras_local.quiet import quiet_start
 
+    plugins = list(resumed.get("plugins", [])) + early.plugin
+    if plugins:
+        quiet_start(import_tensorflow=True)  # a plugin may import Keras
     try:
-        load_plugins(list(resumed.get("plugins", [])) + early.plugin)
+        load_plugins(plugins)
     except PluginError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
-    args = parse_args(argv)
+    args = parse_args(argv)  # --help and bad flags end here, before TensorFlow starts
+    quiet_start(import_tensorflow=True)  # no C++ start-up noise; tf.data on every backend
     from keras_local.callbacks import NonFiniteLossError
     from keras_local.cli_errors import USER_ERRORS
     from keras_local.config import Config

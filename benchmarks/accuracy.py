@@ -172,6 +172,9 @@ def main(argv=None):
                               stored["num_hidden"], stored["train_examples"]), png_path)
         print(f"wrote {png_path}")
         return 0
+    from keras_local.quiet import quiet_start
+
+    quiet_start()  # imports TensorFlow without its C++ start-up noise
     with open(csv_path, "w", newline="") as stream:
         csv.DictWriter(stream, CSV_FIELDS).writeheader()
 

@@ -140,6 +140,9 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ["KERAS_BACKEND"] = "tensorflow"  # export is TensorFlow-based
+    from keras_local.quiet import quiet_start
+
+    quiet_start()  # imports TensorFlow without its C++ start-up noise
     load_before = os.getloadavg()
     rows, sizes = [], {}
     with tempfile.TemporaryDirectory(prefix="keras_local_inference_") as workdir:

@@ -242,6 +242,9 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.child:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        from keras_local.quiet import quiet_start
+
+        quiet_start()  # imports TensorFlow without its C++ start-up noise
         child(*args.child, args)
         return 0
     results = []

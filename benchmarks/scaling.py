@@ -50,6 +50,9 @@ def measure(devices, mode, intra, xla, steps, warmup, repeats):
     """Images/s of one configuration (runs in a fresh process)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    from keras_local.quiet import quiet_start
+
+    quiet_start()  # imports TensorFlow without its C++ start-up noise
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]

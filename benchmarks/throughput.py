@@ -449,6 +449,9 @@ def main(argv=None):
         sys.exit("throughput.py: error: Keras was already imported on another backend")
     os.environ["KERAS_BACKEND"] = args.backend  # before Keras is imported
     check_backend(args.backend)
+    from keras_local.quiet import quiet_start
+
+    quiet_start()  # imports TensorFlow without its C++ start-up noise
 
     load_before = os.getloadavg()
     peak_timing = dict(repeats=1, seconds=0.2) if args.quick else {}

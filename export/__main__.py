@@ -12,7 +12,10 @@ import pathlib
 import sys
 import zipfile
 
-import keras
+from keras_local.quiet import quiet_start
+
+quiet_start()  # before Keras imports TensorFlow: no C++ start-up noise
+import keras  # noqa: E402
 
 from keras_local.exporting import FORMATS, ExportError, check_replaceable, export_model
 from keras_local.model_files import ModelFileError, check_keras_file

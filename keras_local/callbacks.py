@@ -1,5 +1,6 @@
 """Keras callbacks of a training run: LR milestones, NaN guard, atomic checkpoints,
-and a progress bar that keeps per-block metrics out of the way."""
+a progress bar that keeps per-block metrics out of the way, and TensorBoard pictures of
+the blocks' similarity matrices and the run's HParams."""
 
 import math
 import os
@@ -152,3 +153,110 @@ def block_summary(logs):
             parts.append(f"error={blocks[index]['error']:.2f}%")
         lines.append(f"  block_{index}: " + " ".join(parts))
     return lines
+
+
+def class_sorted_sample(labels, size):
+    """Indices of ``size`` examples, classes as balanced as ``labels`` allows, sorted by
+    class (stable): the first example of every class, then the second, and so on."""
+    labels = np.asarray(labels)
+    rank = np.zeros(len(labels), dtype=np.int64)  # how many earlier examples share the class
+    for value in np.unique(labels):
+        where = np.flatnonzero(labels == value)
+        rank[where] = np.arange(len(where))
+    round_robin = np.lexsort((labels, rank))[:size]
+    return round_robin[np.argsort(labels[round_robin], kind="stable")]
+
+
+def similarity_picture(similarity, label_similarity, scale=4):
+    """Two (B, B) similarity matrices side by side as one RGB uint8 image of shape
+    (B * scale, 2 * B * scale + 2 * scale, 3); colours: red +1, white 0, blue -1."""
+    from matplotlib import colormaps
+
+    colour = colormaps["RdBu_r"]
+    gap = np.full((len(similarity), 2, 4), 1.0)
+    values = np.concatenate([colour((np.asarray(similarity) + 1.0) / 2.0), gap,
+                             colour((np.asarray(label_similarity) + 1.0) / 2.0)], axis=1)
+    values = np.repeat(np.repeat(values[..., :3], scale, axis=0), scale, axis=1)
+    return np.round(values * 255).astype(np.uint8)
+
+
+class SimilarityImages(keras.callbacks.Callback):
+    """TensorBoard images of what each block learns (TensorFlow backend).
+
+    After every epoch, for every local block: the similarity matrix S(h) of the block's
+    output h (inference mode) on a fixed batch of test images sorted by class, beside the
+    label similarity S(onehot(y)) that the sim loss pulls it towards. Tag
+    ``similarity/<block name>`` (e.g. ``similarity/block_1``), step = epoch (from 0), in
+    ``log_dir``. ``images`` are normalised model inputs.
+    """
+
+    def __init__(self, log_dir, images, labels, num_classes, scale=4):
+        super().__init__()
+        from keras_local.losses import similarity_matrix
+
+        self.log_dir = log_dir
+        self.images = images
+        self.scale = scale
+        onehot = np.eye(num_classes, dtype=np.float32)[np.asarray(labels)]
+        self.label_similarity = keras.ops.convert_to_numpy(similarity_matrix(onehot))
+        self.writer = None
+
+    def on_train_begin(self, logs=None):
+        import tensorflow as tf
+
+        self.writer = tf.summary.create_file_writer(self.log_dir)
+
+    def on_epoch_end(self, epoch, logs=None):
+        import tensorflow as tf
+
+        from keras_local.layers.block import LocalBlock
+        from keras_local.losses import similarity_matrix
+
+        h = self.images
+        with self.writer.as_default():
+            for layer in self.model.feature_layers:
+                h = layer(h, training=False)
+                if isinstance(layer, LocalBlock):
+                    similarity = keras.ops.convert_to_numpy(similarity_matrix(h))
+                    picture = similarity_picture(similarity, self.label_similarity, self.scale)
+                    tf.summary.image(f"similarity/{layer.name}", picture[None], step=epoch,
+                                     description="left: similarity of the block's output "
+                                                 "on test images sorted by class; right: "
+                                                 "label similarity (red +1, blue -1)")
+        self.writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def hparam_values(config):
+    """The run's options as TensorBoard HParams values (bool, int, float or str);
+    options that are None are left out, sequences become text."""
+    values = {"training_mode": config.training_mode}
+    for key, value in config.to_dict().items():
+        if value is None:
+            continue
+        values[key] = value if isinstance(value, (bool, int, float, str)) else \
+            " ".join(map(str, value))
+    return values
+
+
+class HParamsSummary(keras.callbacks.Callback):
+    """Writes the run's configuration to TensorBoard's HParams dashboard (TensorFlow
+    installed), so that runs can be compared and filtered by their options."""
+
+    def __init__(self, log_dir, config, trial_id):
+        super().__init__()
+        self.log_dir = log_dir
+        self.config = config
+        self.trial_id = trial_id
+
+    def on_train_begin(self, logs=None):
+        import tensorflow as tf
+        from tensorboard.plugins.hparams import api as hp
+
+        writer = tf.summary.create_file_writer(self.log_dir)
+        with writer.as_default():
+            hp.hparams(hparam_values(self.config), trial_id=self.trial_id)
+        writer.close()

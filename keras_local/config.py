@@ -81,6 +81,8 @@ class Config:
     pipeline: bool = False
     # reproducibility
     deterministic: bool = False  # tf.config.experimental.enable_op_determinism()
+    # TensorBoard
+    similarity_examples: int = 64  # test images of the per-block similarity images; 0 = none
 
     def __post_init__(self):
         self.lr_decay_milestones = tuple(int(m) for m in self.lr_decay_milestones)
@@ -129,6 +131,8 @@ class Config:
                              f"got {self.classes_per_batch}")
         if not 0 <= self.momentum <= 1:
             raise ValueError(f"momentum must be in [0, 1], got {self.momentum}")
+        if self.similarity_examples < 0:
+            raise ValueError(f"similarity_examples must be >= 0, got {self.similarity_examples}")
 
     @property
     def training_mode(self) -> str:

@@ -3,11 +3,14 @@
 A run directory (``<save_dir>/<dataset>_<model>_<mode>_<time>``) holds:
   config.json            every option of the run
   logs/                  TensorBoard: train/validation loss and error, learning rate,
-                         per-block pred loss, sim loss and local-head error
+                         per-block pred loss, sim loss and local-head error; the run's
+                         HParams; logs/similarity: per-block similarity images
   history.csv            the same per-epoch numbers as CSV
   checkpoints/last.keras the whole model after the last completed epoch
   backup/                Keras BackupAndRestore state (removed when the run completes)
-  model.keras            the final model;  results.json: final test loss / error
+  model.keras            the final model;  results.json: final test loss / error, best
+                         epoch, wall time and training images/s (of the last session
+                         when resumed)
   export/                SavedModel + ONNX + metadata of the inference network
 """
 
@@ -23,6 +26,9 @@ from keras_local.models import list_models
 from keras_local.callbacks import (
     AtomicCheckpoint,
     CompactProgbar,
+    HParamsSummary,
+    SimilarityImages,
+    class_sorted_sample,
     NaNGuard,
     RandomStreams,
     milestone_scheduler,
@@ -39,6 +45,7 @@ from keras_local.data.catalogue import get_dataset_info, list_datasets
 from keras_local.data.pipeline import EpochClock
 from keras_local.models.local_model import LocalModel
 from keras_local.models.local_model import check_network_support
+from keras_local.data.pipeline import normalise_numpy
 
 
 class NotARunError(ValueError):
@@ -56,6 +63,10 @@ class RunResult:
     test_error: float
     epochs_completed: int
     export_dir: str = None
+    best_test_error: float = None
+    best_epoch: int = None          # 1-based
+    wall_seconds: float = None      # this session: data pipeline, fit, final test, save
+    images_per_second: float = None  # training images per second of fit (test pass included)
 
 
 def resolve_resume(config):
@@ -234,6 +245,7 @@ def run(config, verbose=1, export=True):
 
 
 def train_prepared(prepared, verbose=1, export=True):
+    started = time.perf_counter()
     config, model, train, test = prepared.config, prepared.model, prepared.train, prepared.test
     strategy = prepared.strategy
     multi_worker = strategy is not None and _distribute().is_multi_worker(strategy)
@@ -289,15 +301,27 @@ def train_prepared(prepared, verbose=1, export=True):
                                                          write_graph=False))
     elif verbose:
         print("TensorFlow is not installed: no TensorBoard logs (history.csv has the numbers)")
+    if with_tensorflow and keras.backend.backend() == "tensorflow":
+        callbacks[-1:-1] = tensorboard_method_callbacks(config, run_dir, test)
     if verbose:
         callbacks.append(CompactProgbar())
-    model.fit(train_ds, epochs=config.epochs, validation_data=test_ds, shuffle=False,
-              callbacks=callbacks, verbose=verbose, initial_epoch=initial_epoch)
+    fit_started = time.perf_counter()
+    history = model.fit(train_ds, epochs=config.epochs, validation_data=test_ds, shuffle=False,
+                        callbacks=callbacks, verbose=verbose, initial_epoch=initial_epoch)
+    fit_seconds = time.perf_counter() - fit_started
 
     scores = model.evaluate(test_ds, verbose=0, return_dict=True)
     save_model_atomically(model, os.path.join(run_dir, "model.keras"))
     result = RunResult(run_dir=run_dir, test_loss=float(scores["loss"]),
                        test_error=float(scores["error"]), epochs_completed=config.epochs)
+    if history.epoch:  # empty when a resumed run had no epoch left
+        result.images_per_second = len(train[0]) * len(history.epoch) / fit_seconds
+    result.wall_seconds = time.perf_counter() - started
+    if chief:
+        from keras_local.report import read_run
+
+        recorded = read_run(run_dir)  # every epoch of the run, earlier sessions included
+        result.best_test_error, result.best_epoch = recorded.best_test_error, recorded.best_epoch
     if export and keras.backend.backend() != "tensorflow":
         export = False
         print(f"export skipped: it needs the tensorflow backend; run "
@@ -313,6 +337,21 @@ def train_prepared(prepared, verbose=1, export=True):
         export_model(model, result.export_dir, check_images=test[0][:256],
                      test_error=result.test_error, run_config=config.to_dict())
     if verbose:
-        print(f"test error {result.test_error:.2f}%, test loss {result.test_loss:.4f}; "
-              f"results in {run_dir}")
+        from keras_local.report import run_summary
+
+        print("\n".join(run_summary(run_dir, exported=bool(export))))
     return result
+
+
+def tensorboard_method_callbacks(config, run_dir, test):
+    """The run's HParams, and per-block similarity images on ``config.similarity_examples``
+    test images sorted by class (TensorFlow backend)."""
+    log_dir = os.path.join(run_dir, "logs")
+    callbacks = [HParamsSummary(log_dir, config, trial_id=os.path.basename(run_dir))]
+    if config.similarity_examples:
+        info = get_dataset_info(config.dataset)
+        chosen = class_sorted_sample(test[1], config.similarity_examples)
+        callbacks.append(SimilarityImages(os.path.join(log_dir, "similarity"),
+                                          normalise_numpy(test[0][chosen], info),
+                                          test[1][chosen], info.num_classes))
+    return callbacks

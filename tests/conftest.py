@@ -67,30 +67,74 @@ def input_gradient():
 
     return gradient
 
+# The full dataset (Debian's dataset-fashion-mnist; .ci/run installs it). The variable lets
+# a test run pretend it is absent: KERAS_LOCAL_FASHION_MNIST_DIR=/nonexistent python -m pytest
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 @pytest.fixture(scope="session")
 def fashion_mnist_dir():
-    if not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
-        pytest.fail(f"{FASHION_MNIST_DIR} missing: apt-get install -y dataset-fashion-mnist")
-    return FASHION_MNIST_DIR
+    """The full Fashion-MNIST IDX files; tests that need them skip where they are absent."""
+    directory = os.environ.get("KERAS_LOCAL_FASHION_MNIST_DIR", FASHION_MNIST_DIR)
+    if not os.path.isfile(os.path.join(directory, "train-images-idx3-ubyte.gz")):
+        pytest.skip(f"needs the full Fashion-MNIST in {directory} "
+                    f"(apt-get install dataset-fashion-mnist)")
+    return directory
 
 
 @pytest.fixture(scope="session")
-def fashion_mnist_small(fashion_mnist_dir):
-    """First 10,000 training and all 10,000 test images, normalised, NHWC float32."""
-    from keras_local.data.idx import read_idx
+def fashion_mnist_demo():
+    """The embedded demo (real Fashion-MNIST images): ((8,000 train), (2,000 test)),
+    raw uint8 images NHWC and int32 labels."""
+    import keras_local as kl
+    from keras_local.data import load_arrays
 
-    def load(prefix, limit=None):
-        images = read_idx(f"{fashion_mnist_dir}/{prefix}-images-idx3-ubyte.gz", limit)
-        labels = read_idx(f"{fashion_mnist_dir}/{prefix}-labels-idx1-ubyte.gz", limit)
-        images = ((images.astype("float32") / 255.0 - 0.286) / 0.353)[..., None]
-        return images, labels.astype("int32")
+    return load_arrays(kl.Config(dataset="fashion_mnist_demo"))
 
-    return load("train", 10000), load("t10k")
+
+@pytest.fixture(scope="session")
+def fashion_mnist_idx_dir(fashion_mnist_demo, tmp_path_factory):
+    """The demo written as canonical Fashion-MNIST files (gzip IDX, official names):
+    8,000 train and 2,000 t10k images, for tests of ``--data-dir``."""
+    from keras_local.data.idx import write_idx
+
+    directory = tmp_path_factory.mktemp("fashion_mnist_idx")
+    for prefix, (images, labels) in zip(("train", "t10k"), fashion_mnist_demo):
+        write_idx(str(directory / f"{prefix}-images-idx3-ubyte.gz"), images[..., 0])
+        write_idx(str(directory / f"{prefix}-labels-idx1-ubyte.gz"), labels.astype("uint8"))
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_small(fashion_mnist_demo):
+    """The demo's 8,000 training and 2,000 test images, normalised, NHWC float32."""
+    def normalise(images, labels):
+        return ((images.astype("float32") / 255.0 - 0.286) / 0.353), labels.astype("int32")
+
+    train, test = fashion_mnist_demo
+    return normalise(*train), normalise(*test)
 
 
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+    """Two finished 2-epoch runs of a small mlp on 256 demo images, as ``train.py``
+    writes them (no export): {"predsim": run dir, "backprop": run dir}."""
+    import keras
+
+    import keras_local as kl
+    from keras_local.training import run
+
+    save_dir = tmp_path_factory.mktemp("tiny_runs")
+    runs = {}
+    for mode in ("predsim", "backprop"):
+        config = kl.Config(dataset="fashion_mnist_demo", model="mlp", num_layers=2,
+                           num_hidden=16, epochs=2, batch_size=64, max_train_examples=256,
+                           backprop=mode == "backprop", jit_compile=False, save_dir=str(save_dir),
+                           similarity_examples=20, backend=keras.backend.backend())
+        runs[mode] = run(config, verbose=0, export=False).run_dir
+    return runs

@@ -18,11 +18,14 @@ def test_demo_dataset_is_first_10000_fashion_mnist_training_images(fashion_mnist
     np.testing.assert_array_equal(np.concatenate([y_train, y_test]), labels)
 
 
-def test_offline_idx_reader_and_max_train_examples(fashion_mnist_dir):
-    config = kl.Config(dataset="fashion_mnist", data_dir=fashion_mnist_dir, max_train_examples=500)
+def test_offline_idx_reader_and_max_train_examples(fashion_mnist_idx_dir, fashion_mnist_demo):
+    config = kl.Config(dataset="fashion_mnist", data_dir=fashion_mnist_idx_dir,
+                       max_train_examples=500)
     (x_train, y_train), (x_test, y_test) = data.load_arrays(config)
     assert x_train.shape == (500, 28, 28, 1) and x_train.dtype == np.uint8
-    assert x_test.shape == (10000, 28, 28, 1) and y_test.dtype == np.int32
+    assert x_test.shape == (2000, 28, 28, 1) and y_test.dtype == np.int32
+    np.testing.assert_array_equal(x_test, fashion_mnist_demo[1][0])
+    np.testing.assert_array_equal(y_train, fashion_mnist_demo[0][1][:500])
 
 
 def test_idx_round_trip_and_truncation(tmp_path):

@@ -16,7 +16,6 @@ import keras_local as kl
 from keras_local import exporting
 from keras_local.data.catalogue import get_dataset_info
 from keras_local.exporting import ExportError, export_model
-from keras_local.data.idx import read_idx
 
 from export.__main__ import main as export_main
 
@@ -31,10 +30,10 @@ MODELS = {
 }
 
 
-def raw_fashion_mnist(directory, prefix, limit):
-    images = read_idx(f"{directory}/{prefix}-images-idx3-ubyte.gz", limit)
-    labels = read_idx(f"{directory}/{prefix}-labels-idx1-ubyte.gz", limit)
-    return images[..., None].astype("float32"), labels.astype("int32")
+def raw_fashion_mnist(split, limit):
+    """The first ``limit`` raw images of a split of the embedded demo, float32 NHWC."""
+    images, labels = split
+    return images[:limit].astype("float32"), labels[:limit].astype("int32")
 
 
 def normalise(raw):
@@ -66,9 +65,9 @@ def leftovers(directory):
 
 
 @pytest.fixture(scope="module")
-def fashion(fashion_mnist_dir):
-    return (raw_fashion_mnist(fashion_mnist_dir, "train", 512),
-            raw_fashion_mnist(fashion_mnist_dir, "t10k", 500))
+def fashion(fashion_mnist_demo):
+    train, test = fashion_mnist_demo
+    return raw_fashion_mnist(train, 512), raw_fashion_mnist(test, 500)
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))

@@ -293,7 +293,7 @@ def test_bio_trains_with_every_loss_sup(rng, loss_sup):
 
 
 def test_bio_predsim_mlp_learns_fashion_mnist(fashion_mnist_small):
-    """Issue 5: 3x1024 bio predsim MLP, 2 epochs on 10k real images: under 25% test error."""
+    """Issue 5: 3x1024 bio predsim MLP, 2 epochs on the 8,000 demo images: under 25% test error."""
     (x_train, y_train), (x_test, y_test) = fashion_mnist_small
     keras.utils.set_random_seed(1)
     config = kl.Config(num_layers=3, num_hidden=1024, dropout=0.1, nonlin="leakyrelu",

@@ -174,7 +174,7 @@ def test_config_rejects_bad_values(bad, message):
 
 
 def test_fashion_mnist_predsim_mlp_learns(fashion_mnist_small):
-    """REFERENCE settings, 2 epochs on 10k real images: under 20% test error."""
+    """REFERENCE settings, 2 epochs on the 8,000 demo images: under 20% test error."""
     (x_train, y_train), (x_test, y_test) = fashion_mnist_small
     errors = {}
     for backprop in (False, True):

@@ -16,7 +16,6 @@ from PIL import Image
 import keras_local as kl
 from keras_local.data.catalogue import get_dataset_info
 from keras_local.exporting import export_model
-from keras_local.data.idx import read_idx
 
 from export.predict import main as predict_main
 
@@ -35,16 +34,16 @@ def run_predict(*args):
 
 
 @pytest.fixture(scope="module")
-def learned(fashion_mnist_dir, tmp_path_factory):
+def learned(fashion_mnist_demo, tmp_path_factory):
     """An mlp trained 1 epoch on 2,000 images, exported to ONNX, and a test image
     it classifies correctly with high confidence: (model.onnx, raw test images, Keras
     probabilities, index of that image)."""
-    def load(prefix, limit):
-        images = read_idx(f"{fashion_mnist_dir}/{prefix}-images-idx3-ubyte.gz", limit)
-        labels = read_idx(f"{fashion_mnist_dir}/{prefix}-labels-idx1-ubyte.gz", limit)
-        return images[..., None].astype("float32"), labels.astype("int32")
+    def load(split, limit):
+        images, labels = split
+        return images[:limit].astype("float32"), labels[:limit].astype("int32")
 
-    (train_x, train_y), (test_x, test_y) = load("train", 2000), load("t10k", 200)
+    (train_x, train_y), (test_x, test_y) = (load(split, limit) for split, limit
+                                            in zip(fashion_mnist_demo, (2000, 200)))
     keras.utils.set_random_seed(1)
     config = kl.Config(dataset="fashion_mnist", model="mlp", num_layers=1, num_hidden=256,
                        lr=2e-3, jit_compile=False)

@@ -54,11 +54,11 @@ def tensorboard_scalars(log_dir):
     return tags
 
 
-def test_cli_trains_fashion_mnist_end_to_end(tmp_path, fashion_mnist_dir):
+def test_cli_trains_fashion_mnist_end_to_end(tmp_path, fashion_mnist_idx_dir):
     save_dir = str(tmp_path / "runs")
-    result = train_cli("--dataset", "fashion_mnist", "--data-dir", fashion_mnist_dir,
+    result = train_cli("--dataset", "fashion_mnist", "--data-dir", fashion_mnist_idx_dir,
                        "--model", "mlp", "--num-layers", "3", "--epochs", "1",
-                       "--max-train-examples", "10000", "--save-dir", save_dir, "--quiet")
+                       "--max-train-examples", "8000", "--save-dir", save_dir, "--quiet")
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = only_run_dir(save_dir)
     config = json.load(open(os.path.join(run_dir, "config.json")))
@@ -152,10 +152,10 @@ def make_truncated(folder, source):
     (["--beta", "2"], "beta must be in [0.0, 1.0]"),
     (["--pipeline"], "pipeline needs placement='layerwise'"),
 ])
-def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message, fashion_mnist_dir,
-                                                   capsys):
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message,
+                                                   fashion_mnist_idx_dir, capsys):
     places = {"EMPTY": make_empty, "CORRUPT": make_corrupt, "TRUNCATED": make_truncated}
-    args = [places[a](tmp_path / a.lower(), fashion_mnist_dir) if a in places else a
+    args = [places[a](tmp_path / a.lower(), fashion_mnist_idx_dir) if a in places else a
             for a in args]
     save_dir = tmp_path / "runs"
     with pytest.raises(SystemExit) as exit_info:

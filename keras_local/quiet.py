@@ -1,0 +1,75 @@
+"""A quiet start: TensorFlow imported without its C++ start-up noise.
+
+On a machine without a GPU, TensorFlow 2.21 writes straight to file descriptor 2, before
+``TF_CPP_MIN_LOG_LEVEL`` takes effect (absl's logging is not initialised yet):
+
+    WARNING: All log messages before absl::InitializeLog() is called are written to STDERR
+    I0000 ... cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.
+    (both twice, at import)
+    E0000 ... cuda_platform.cc:52] failed call to cuInit: ... UNKNOWN ERROR (303)
+    (at the first device query)
+
+``quiet_start()`` imports TensorFlow and lists its devices with file descriptor 2 sent to a
+temporary file, then writes back every captured line that is not one of those, so Python
+warnings and real errors of the import still show. Setting ``TF_CPP_MIN_LOG_LEVEL`` to 0 or 1
+(asking for TensorFlow's informational logs) turns the filter off.
+"""
+
+import contextlib
+import importlib.util
+import os
+import re
+import sys
+import tempfile
+
+NOISE = re.compile(
+    rb"WARNING: All log messages before absl::InitializeLog\(\) is called"
+    rb"|^[IWE]\d{4} [\d:. ]+\d+ (cudart_stub|cuda_platform|cuda_executor|cuda_dnn|cuda_fft"
+    rb"|cuda_blas|cpu_feature_guard)\.cc:\d+\]"
+    rb"|^To enable the following instructions: .*rebuild TensorFlow")
+
+
+def quiet_start(import_tensorflow=None):
+    """Import TensorFlow (when installed) without its start-up noise; idempotent.
+
+    ``import_tensorflow``: None imports it only when Keras will run on it
+    (``KERAS_BACKEND``, default tensorflow), so that ``import keras_local`` on JAX or torch
+    loads no TensorFlow; True imports it whenever it is installed (train.py, whose input
+    pipeline is tf.data on every backend).
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if import_tensorflow is None:
+        import_tensorflow = os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow"
+    if (not import_tensorflow or "tensorflow" in sys.modules
+            or importlib.util.find_spec("tensorflow") is None):
+        return
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] in ("0", "1"):
+        return
+    with filtered_stderr(NOISE):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # probes CUDA now, inside the filter
+
+
+@contextlib.contextmanager
+def filtered_stderr(noise):
+    """Sends file descriptor 2 (C++ and Python writes alike) to a temporary file; on exit
+    writes back the lines that ``noise`` (a bytes regex) does not match, in order."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 (a daemon): nothing to keep quiet
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().splitlines(keepends=True):
+                if not noise.search(line):
+                    os.write(2, line)

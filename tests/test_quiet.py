@@ -1,0 +1,62 @@
+"""A quiet start (keras_local/quiet.py): TensorFlow's C++ start-up noise is filtered out of
+file descriptor 2, everything else written there still shows."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOISE_LINES = [
+    b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
+    b"I0000 00:00:1795804764.523018   16992 cudart_stub.cc:31] Could not find cuda drivers "
+    b"on your machine, GPU will not be used.\n",
+    b"E0000 00:00:1795804850.053068   17511 cuda_platform.cc:52] failed call to cuInit: "
+    b"INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n",
+]
+
+
+FILTER_SCRIPT = """
+import importlib.util, os, sys, warnings
+spec = importlib.util.spec_from_file_location("quiet", sys.argv[1])
+quiet = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(quiet)
+with quiet.filtered_stderr(quiet.NOISE):
+    for line in sys.argv[2:]:
+        os.write(2, line.encode() + b"\\n")
+    os.write(2, b"E0000 00:00:1.0   1 some_kernel.cc:12] a real error\\n")
+    print("python stderr", file=sys.stderr)
+    warnings.warn_explicit("a genuine warning", UserWarning, "module.py", 7)
+print("stdout untouched")
+"""
+
+
+def test_filter_drops_the_known_noise_and_replays_the_rest():
+    # A child process without pytest's capture, so that sys.stderr writes to fd 2; it loads
+    # quiet.py alone (no TensorFlow import).
+    result = subprocess.run(
+        [sys.executable, "-c", FILTER_SCRIPT, os.path.join(ROOT, "keras_local", "quiet.py"),
+         *(line.decode().rstrip("\n") for line in NOISE_LINES)],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "stdout untouched\n"
+    assert result.stderr.splitlines() == [
+        "E0000 00:00:1.0   1 some_kernel.cc:12] a real error", "python stderr",
+        "module.py:7: UserWarning: a genuine warning"]
+
+
+def test_train_cli_start_is_quiet_and_ends_with_a_summary(tmp_path):
+    """The issue's check: a fresh user's demo run prints no E0000, cuInit or absl line."""
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "fashion_mnist_demo",
+         "--model", "mlp", "--epochs", "1", "--max-train-examples", "256", "--num-hidden", "32",
+         "--num-layers", "1", "--no-jit", "--no-export", "--similarity-examples", "16",
+         "--save-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = (result.stdout + result.stderr).splitlines()
+    noisy = [line for line in lines if any(word in line for word in ("E0000", "cuInit", "absl"))]
+    assert not noisy, noisy
+    assert any(line.startswith("done: mlp predsim on fashion_mnist_demo, 1 epochs")
+               for line in lines)
+    assert any(line.strip().startswith("tensorboard --logdir ") for line in lines)
