@@ -22,7 +22,7 @@ import tempfile
 import keras
 import numpy as np
 
-from keras_local.data.catalogue import get_dataset_info
+from keras_local.data.catalogue import dataset_info
 
 FORMATS = ("savedmodel", "onnx")
 ONNX_FILE = "model.onnx"
@@ -100,7 +100,7 @@ def deployable_model(model):
     is ``inference_model()`` of ``model`` (rebuilt in float32 for mixed precision).
     """
     model = _float32_model(model)
-    info = get_dataset_info(model.config.dataset)
+    info = dataset_info(model.config)
     shape = tuple(model.example_shape)
     if len(info.mean) != shape[-1]:
         raise ValueError(
@@ -156,7 +156,7 @@ def _check_images(images, example_shape):
 
 
 def _normalise(model, images):
-    info = get_dataset_info(model.config.dataset)
+    info = dataset_info(model.config)
     mean = np.asarray(info.mean, dtype="float32")
     std = np.asarray(info.std, dtype="float32")
     return (images / np.float32(255.0) - mean) / std
@@ -253,7 +253,7 @@ def _metadata(model, network, formats, directory, parity, test_error, run_config
     import tensorflow as tf
     import tf2onnx
 
-    info = get_dataset_info(model.config.dataset)
+    info = dataset_info(model.config)
     class_names = list(info.class_names) or [str(i) for i in range(model.num_classes)]
     if len(class_names) != model.num_classes:
         raise ValueError(f"dataset {info.name!r} has {len(class_names)} class names but the "

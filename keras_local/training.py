@@ -34,7 +34,7 @@ from keras_local.data import (
     make_numpy_datasets,
     tensorflow_available,
 )
-from keras_local.data.catalogue import get_dataset_info
+from keras_local.data.catalogue import dataset_info
 from keras_local.models.local_model import build_model
 
 
@@ -125,7 +125,11 @@ def prepare(config):
         raise ValueError(f"config.backend is {config.backend!r} but Keras runs on "
                          f"{keras.backend.backend()!r}: set KERAS_BACKEND={config.backend} "
                          f"before importing keras (train.py --backend does)")
-    info = get_dataset_info(config.dataset)
+    if config.dataset in ("folder", "imagenet") and not config.class_names:
+        from keras_local.data.folders import describe_folder
+
+        config = describe_folder(config)  # class names, image size, mean / std
+    info = dataset_info(config)
     strategy = make_run_strategy(config)  # before any other TensorFlow op
     keras.utils.set_random_seed(config.seed)
     train, test = load_arrays(config)
@@ -208,9 +212,18 @@ def train_prepared(prepared, verbose=1, export=True):
     if export:
         from keras_local.exporting import export_model
 
-        export_model(model, result.export_dir, check_images=test[0][:256],
+        export_model(model, result.export_dir, check_images=_check_images(config, test),
                      test_error=result.test_error, run_config=config.to_dict())
     if verbose:
         print(f"test error {result.test_error:.2f}%, test loss {result.test_loss:.4f}; "
               f"results in {run_dir}")
     return result
+
+
+def _check_images(config, test):
+    """Raw-pixel test images for the export's parity check (decoded for image folders)."""
+    if config.dataset in ("folder", "imagenet"):
+        from keras_local.data.folders import check_images
+
+        return check_images(config, test)
+    return test[0][:256]
