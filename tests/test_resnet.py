@@ -182,17 +182,21 @@ def test_no_gradient_crosses_a_residual_block_boundary(rng):
 
 
 def test_gradients_flow_inside_a_module_and_not_between(rng):
-    """modules=9 on resnet18's 17 convs: block_2 + block_3 form one module (block_2 has no
-    heads), so block_3's heads train block_2, and never block_1."""
+    """modules=9 on resnet18's 17 convs (sizes 2, 2, ..., 2, 1): block_3 + block_4 form
+    one module whose heads sit on block_4 (block_3 has none), so block_4's heads train
+    block_3 (across the residual block's inner boundary), and never the module before."""
     config = small(modules=9)
     model = kl.build_model("resnet18", SHAPE, 4, config)
     heads = [b.name for b in model.local_blocks if b.has_heads]
-    assert heads[:2] == ["block_1", "block_3"] and len(heads) == 9
-    before, plain, altered = train_twice(config, rng, "block_3")
-    assert changed(owned(plain, "block_2"), owned(altered, "block_2")), \
-        "no gradient reached block_2 from its module's loss"
-    for path, value in owned(plain, "block_1").items():
-        np.testing.assert_array_equal(value, altered[path], err_msg=path)
+    assert heads[:2] == ["block_2", "block_4"] and heads[-1] == "block_17" and len(heads) == 9
+    assert [s.name for s in rule.plan(model)][:2] == ["block_2", "block_4"]
+    before, plain, altered = train_twice(config, rng, "block_4")
+    assert changed(owned(plain, "block_3"), owned(altered, "block_3")), \
+        "no gradient reached block_3 from its module's loss"
+    for block in ("block_1", "block_2"):
+        assert changed(owned(before, block), owned(plain, block)), f"{block} did not train"
+        for path, value in owned(plain, block).items():
+            np.testing.assert_array_equal(value, altered[path], err_msg=path)
 
 
 @pytest.mark.tensorflow_only
