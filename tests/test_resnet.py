@@ -270,3 +270,24 @@ def test_modules_group_mlp_and_vgg(name, shape, layers):
 def test_too_many_modules_is_a_clear_error():
     with pytest.raises(ValueError, match="between 1 and the number of local layers \\(3\\), got 4"):
         kl.build_model("mlp", (6, 6, 1), 4, kl.Config(num_layers=3, num_hidden=8, modules=4))
+
+
+# --------------------------------------------------------------------------- export
+@pytest.mark.tensorflow_only
+@pytest.mark.parametrize("name,changes", [("resnet18", {}), ("wresnet10-8a", {"pre_act": True})])
+def test_residual_export_parity(rng, tmp_path, name, changes):
+    """SavedModel and ONNX of a ResNet (shortcuts, identity and 1x1 conv [+ BN]; post-,
+    pre- and no-activation convs) reproduce Keras within 1e-4, with BatchNorm statistics
+    far from their initial values."""
+    from keras_local.exporting import PARITY_TOLERANCE, export_model
+
+    model = kl.build_model(name, SHAPE, 4, small(**changes))
+    for v in model.weights:
+        if "moving_mean" in v.path or "moving_variance" in v.path or "gamma" in v.path:
+            low = 0.5 if "mean" not in v.path else -0.5
+            v.assign(rng.uniform(low, low + 1.0, size=v.shape).astype("float32"))
+    images = rng.uniform(0, 255, size=(16,) + SHAPE).astype("float32")
+    metadata = export_model(model, tmp_path / "export", check_images=images)
+    assert set(metadata["parity_max_abs_diff"]) == {"savedmodel", "onnx"}
+    assert max(metadata["parity_max_abs_diff"].values()) < PARITY_TOLERANCE
+    assert metadata["parameter_count"] == model.inference_model().count_params()
