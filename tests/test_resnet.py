@@ -255,7 +255,7 @@ def test_module_sizes_are_balanced():
         module_sizes(3, 4)
 
 
-@pytest.mark.parametrize("name,shape,layers", [("mlp", (6, 6, 1), 3), ("vgg6a", (8, 8, 3), 5)])
+@pytest.mark.parametrize("name,shape,layers", [("mlp", (6, 6, 1), 3), ("vgg6a", (8, 8, 3), 7)])
 def test_modules_group_mlp_and_vgg(name, shape, layers):
     config = kl.Config(num_layers=3, num_hidden=8, feat_mult=1 / 32, modules=2)
     model = kl.build_model(name, shape, 4, config)
