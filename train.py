@@ -45,7 +45,17 @@ def parse_args(argv):
                       help=f"one of {', '.join(datasets)}")
     data.add_argument("--data-dir", default=None,
                       help="offline distribution files (MNIST-family IDX .gz, CIFAR python "
-                           "batches) or a tensorflow-datasets data dir")
+                           "batches), a tensorflow-datasets data dir, or for --dataset "
+                           "folder/imagenet DIR/train/<class>/*.jpg|png and DIR/val/ (or test/)")
+    data.add_argument("--image-size", type=int, default=None,
+                      help="image folders: side of the square inputs (default 32 for folder, "
+                           "224 for imagenet; above 64: random resized crop / resize + centre "
+                           "crop)")
+    data.add_argument("--data-mean", type=float, nargs="+", default=(), metavar="M",
+                      help="image folders: per-channel mean in [0, 1] (default: computed "
+                           "from the training images)")
+    data.add_argument("--data-std", type=float, nargs="+", default=(), metavar="S",
+                      help="image folders: per-channel std (default: computed)")
     data.add_argument("--max-train-examples", type=int, default=None,
                       help="use only the first N training images (quick runs)")
     data.add_argument("--cutout", action="store_true", help="cutout augmentation")
@@ -58,7 +68,9 @@ def parse_args(argv):
     model.add_argument("--num-layers", type=int, default=1,
                        help="fully connected local blocks (after the convs for vgg*)")
     model.add_argument("--num-hidden", type=int, default=1024, help="units per FC block")
-    model.add_argument("--feat-mult", type=float, default=1.0, help="VGG channel multiplier")
+    model.add_argument("--feat-mult", type=float, default=1.0, help="VGG / ResNet channel multiplier")
+    model.add_argument("--pre-act", action="store_true",
+                       help="ResNets: pre-activation basic blocks (BN -> act -> conv)")
     model.add_argument("--no-batch-norm", action="store_true", help="no BatchNorm")
     model.add_argument("--nonlin", default="relu", choices=("relu", "leakyrelu"))
     model.add_argument("--dropout", type=float, default=0.0,
@@ -68,6 +80,10 @@ def parse_args(argv):
     local = p.add_argument_group("local learning")
     local.add_argument("--loss-sup", default="predsim", choices=losses, metavar="NAME",
                        help=f"local loss, one of {', '.join(losses)}")
+    local.add_argument("--modules", type=int, default=None, metavar="K",
+                       help="group the local layers into K modules of consecutive layers, "
+                            "heads on each module's last layer (default: every layer its own "
+                            "module; 1 = end-to-end with one auxiliary head)")
     local.add_argument("--beta", type=float, default=0.99, help="predsim weight of sim")
     local.add_argument("--backprop", action="store_true",
                        help="baseline: global backprop, no local heads")

@@ -35,7 +35,8 @@ import tempfile
 import threading
 import time
 
-MODELS = ("vgg8b", "vgg11b", "vgg13", "vgg16", "vgg19")
+MODELS = ("vgg8b", "vgg11b", "vgg13", "vgg16", "vgg19", "resnet18", "wresnet16-4")
+DEFAULT_MODELS = MODELS[:5]
 MODES = ("predsim", "backprop")
 RECIPE = dict(dropout=0.2, nonlin="leakyrelu", dim_in_decoder=2048)
 MIB = 1024 * 1024
@@ -44,7 +45,10 @@ MIB = 1024 * 1024
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=MODELS)
+    p.add_argument("--feat-mult", type=float, default=1.0, help="channel multiplier")
+    p.add_argument("--modules", type=int, default=None,
+                   help="group the local layers into K modules (default: every layer)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--image-size", type=int, default=32)
@@ -129,7 +133,9 @@ def child(model_name, mode, args):
     from keras_local.training import build_model
 
     config = Config(model=model_name, batch_size=args.batch_size,
-                    jit_compile=args.xla != "none", backprop=mode == "backprop", **RECIPE)
+                    jit_compile=args.xla != "none", backprop=mode == "backprop",
+                    feat_mult=args.feat_mult, modules=None if mode == "backprop" else args.modules,
+                    **RECIPE)
     keras.utils.set_random_seed(config.seed)
     shape = (args.image_size, args.image_size, 3)
     model = build_model(model_name, shape, 10, config)
@@ -192,7 +198,9 @@ def child(model_name, mode, args):
 def measure(model_name, mode, args):
     command = [sys.executable, os.path.abspath(__file__), "--child", model_name, mode,
                "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
-               "--steps", str(args.steps), "--xla", args.xla]
+               "--steps", str(args.steps), "--xla", args.xla, "--feat-mult", str(args.feat_mult)]
+    if args.modules is not None:
+        command += ["--modules", str(args.modules)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow",
                MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
     done = subprocess.run(command, env=env, capture_output=True, text=True)

@@ -52,7 +52,11 @@ MODELS = {
     "vgg8b": ("vgg8b", (28, 28, 1), dict(dropout=0.1, nonlin="leakyrelu", dim_in_decoder=1024)),
     "vgg11b": ("vgg11b", (32, 32, 3), dict(dropout=0.2, nonlin="leakyrelu",
                                            dim_in_decoder=2048)),
+    # ResNets (REFERENCE.md section 6): the script's defaults (not in the default list)
+    "resnet18": ("resnet18", (32, 32, 3), dict()),
+    "wresnet16-4": ("wresnet16-4", (32, 32, 3), dict()),
 }
+DEFAULT_MODELS = ("mlp", "vgg8b", "vgg11b")
 MODES = ("predsim", "backprop")
 XLA_CHOICES = ("auto", "update", "none", "step")
 NUM_CLASSES = 10
@@ -61,7 +65,11 @@ NUM_CLASSES = 10
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS))
+    p.add_argument("--feat-mult", type=float, default=None,
+                   help="channel multiplier of the conv models (default: the recipe's)")
+    p.add_argument("--modules", type=int, default=None,
+                   help="group the local layers into K modules (default: every layer)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--batch-size", type=int, default=128)
     xla = p.add_mutually_exclusive_group()
@@ -139,20 +147,25 @@ def count_step_macs(model, batch_size):
     parts = {"encoders": 0, "first_encoder": 0, "heads": 0, "similarity": 0, "output": 0}
     first = True
     for layer in model.feature_layers:
-        out_shape = (batch_size,) + tuple(layer.compute_output_shape(shape))[1:]
+        out_shape = _with_batch(layer.compute_output_shape(shape), batch_size)
         if isinstance(layer, LocalBlock):
+            # Residual convs pass (h, block input) pairs: the conv reads h.
+            x_shape = shape[0] if isinstance(shape[0], tuple) else shape
             enc_out = (batch_size,) + tuple(layer.encoder.compute_output_shape(
                 (batch_size,) + tuple(
-                    layer.encoder_padding.compute_output_shape(shape)
-                    if layer.encoder_padding is not None else shape)[1:]))[1:]
+                    layer.encoder_padding.compute_output_shape(x_shape)
+                    if layer.encoder_padding is not None else x_shape)[1:]))[1:]
             macs = (_conv_macs(layer.encoder, enc_out, batch_size) if layer.kind == "conv"
                     else _dense_macs(layer.encoder, batch_size))
+            shortcut = getattr(layer, "shortcut", None)
+            if shortcut is not None:  # the 1x1 shortcut conv, trained with this block
+                macs += _conv_macs(shortcut.encoder, enc_out, batch_size)
             parts["encoders"] += macs
             if first:
                 parts["first_encoder"] = macs
                 first = False
-            parts["heads"] += _head_macs(layer, out_shape, batch_size)
-            parts["similarity"] += _similarity_macs(layer, out_shape, batch_size)
+            parts["heads"] += _head_macs(layer, enc_out, batch_size)
+            parts["similarity"] += _similarity_macs(layer, enc_out, batch_size)
         shape = out_shape
     parts["output"] = _dense_macs(model.output_layer, batch_size)
     if model.config.training_mode == "backprop":
@@ -161,6 +174,13 @@ def count_step_macs(model, batch_size):
         step = (2 * parts["encoders"] + 3 * (parts["heads"] + parts["similarity"])
                 + 2 * parts["output"])
     return {**parts, "step": step}
+
+
+def _with_batch(shape, batch):
+    """``shape`` (or each shape of a pair) with its batch dimension set to ``batch``."""
+    if isinstance(shape[0], tuple):
+        return tuple(_with_batch(s, batch) for s in shape)
+    return (batch,) + tuple(shape)[1:]
 
 
 def _head_macs(block, h_shape, batch):
@@ -225,6 +245,10 @@ def build(name, mode, xla, args, **overrides):
     options = dict(recipe)
     if args.num_hidden is not None and architecture == "mlp":
         options["num_hidden"] = args.num_hidden
+    if getattr(args, "feat_mult", None) is not None and architecture != "mlp":
+        options["feat_mult"] = args.feat_mult
+    if getattr(args, "modules", None) is not None:
+        options["modules"] = args.modules
     options.update(overrides)
     config = Config(model=architecture, batch_size=args.batch_size, jit_compile=xla != "none",
                     precision=args.precision, backend=args.backend,

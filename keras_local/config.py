@@ -22,7 +22,7 @@ BACKEND_CHOICES = ("tensorflow", "jax", "torch")
 # config.json only, so that a .keras file holds no paths of the machine that trained it.
 NETWORK_FIELDS = ("model", "num_layers", "num_hidden", "feat_mult", "batch_norm", "nonlin",
                   "dropout", "dim_in_decoder", "loss_sup", "beta", "backprop", "no_detach",
-                  "bio", "target_proj_size", "precision", "seed")
+                  "bio", "target_proj_size", "precision", "seed", "pre_act", "modules")
 
 
 @dataclasses.dataclass
@@ -42,6 +42,12 @@ class Config:
     cutout: bool = False
     length: int = 16
     classes_per_batch: int = 0
+    # image folders (dataset "folder" / "imagenet"): the side images are resized/cropped
+    # to, and what the folder scan found (filled in by training.prepare, kept for export)
+    image_size: Optional[int] = None
+    data_mean: tuple = ()   # per-channel normalisation; () = computed from the training images
+    data_std: tuple = ()
+    class_names: tuple = ()
     # model
     model: str = "vgg8b"
     num_layers: int = 1
@@ -51,6 +57,7 @@ class Config:
     nonlin: str = "relu"
     dropout: float = 0.0
     dim_in_decoder: int = 4096
+    pre_act: bool = False   # ResNets: BN -> act -> conv in the basic blocks
     # local learning
     loss_sup: str = "predsim"
     beta: float = 0.99
@@ -58,6 +65,7 @@ class Config:
     no_detach: bool = False
     bio: bool = False
     target_proj_size: int = 128
+    modules: Optional[int] = None  # K local modules of consecutive layers; None = every layer
     # optimisation
     batch_size: int = 128
     epochs: int = 400
@@ -133,6 +141,18 @@ class Config:
             raise ValueError(f"momentum must be in [0, 1], got {self.momentum}")
         if self.similarity_examples < 0:
             raise ValueError(f"similarity_examples must be >= 0, got {self.similarity_examples}")
+        self.data_mean = tuple(float(v) for v in self.data_mean)
+        self.data_std = tuple(float(v) for v in self.data_std)
+        self.class_names = tuple(str(v) for v in self.class_names)
+        if len(self.data_mean) != len(self.data_std):
+            raise ValueError(f"data_mean {list(self.data_mean)} and data_std "
+                             f"{list(self.data_std)} need one value per channel each")
+        if any(not v > 0 for v in self.data_std):
+            raise ValueError(f"data_std must be > 0, got {list(self.data_std)}")
+        if self.image_size is not None:
+            _check_positive("image_size", self.image_size)
+        if self.modules is not None:
+            _check_positive("modules", self.modules)
 
     @property
     def training_mode(self) -> str:
@@ -156,6 +176,8 @@ class Config:
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
         values["lr_decay_milestones"] = list(self.lr_decay_milestones)
+        for key in ("data_mean", "data_std", "class_names"):
+            values[key] = list(values[key])
         values["plugins"] = list(self.plugins)
         return values
 

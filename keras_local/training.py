@@ -41,11 +41,10 @@ from keras_local.data import (
     make_numpy_datasets,
     tensorflow_available,
 )
-from keras_local.data.catalogue import get_dataset_info, list_datasets
-from keras_local.data.pipeline import EpochClock
+from keras_local.data.catalogue import dataset_info, list_datasets
+from keras_local.data.pipeline import EpochClock, normalise_numpy
 from keras_local.models.local_model import LocalModel
 from keras_local.models.local_model import check_network_support
-from keras_local.data.pipeline import normalise_numpy
 
 
 class NotARunError(ValueError):
@@ -86,7 +85,7 @@ def resolve_resume(config):
         raise RunFinished(f"{run_dir} already finished, nothing to do")
     from keras_local.model_files import check_model_size
 
-    info = get_dataset_info(stored.dataset)
+    info = dataset_info(stored)
     check_model_size(stored.model, info.input_shape, info.num_classes, stored,
                      source=f"--resume {run_dir}: config.json")
     return stored.replace(resume=run_dir)
@@ -181,15 +180,15 @@ def build_model(name, input_shape, num_classes, config=None):
         variable_scope = distribute.mean_aggregated_state  # BatchNorm statistics: replica mean
     return LocalModel(name, input_shape, num_classes, config, placement=placement,
                       pipelined=config.pipeline, variable_scope=variable_scope,
-                      preprocessing=_preprocessing(config.dataset, input_shape, num_classes))
+                      preprocessing=_preprocessing(config, input_shape, num_classes))
 
 
-def _preprocessing(dataset, input_shape, num_classes):
-    """The dataset's name, normalisation and class names, or None when ``dataset`` is
-    unknown or does not match the model's inputs."""
-    if dataset not in list_datasets():
+def _preprocessing(config, input_shape, num_classes):
+    """The dataset's name, normalisation and class names (for image folders: those of the
+    folder), or None when ``config.dataset`` is unknown or does not match the model's inputs."""
+    if config.dataset not in list_datasets():
         return None
-    info = get_dataset_info(dataset)
+    info = dataset_info(config)
     if tuple(info.input_shape) != tuple(input_shape) or info.num_classes != num_classes:
         return None
     return {"dataset": info.name, "mean": list(info.mean), "std": list(info.std),
@@ -219,7 +218,11 @@ def prepare(config):
         raise ValueError(f"config.backend is {config.backend!r} but Keras runs on "
                          f"{keras.backend.backend()!r}: set KERAS_BACKEND={config.backend} "
                          f"before importing keras (train.py --backend does)")
-    info = get_dataset_info(config.dataset)
+    if config.dataset in ("folder", "imagenet") and not config.class_names:
+        from keras_local.data.folders import describe_folder
+
+        config = describe_folder(config)  # class names, image size, mean / std
+    info = dataset_info(config)
     strategy = make_run_strategy(config)  # before any other TensorFlow op
     if config.deterministic and config.backend == "tensorflow":
         import tensorflow as tf
@@ -334,7 +337,7 @@ def train_prepared(prepared, verbose=1, export=True):
     if export:
         from keras_local.exporting import export_model
 
-        export_model(model, result.export_dir, check_images=test[0][:256],
+        export_model(model, result.export_dir, check_images=_check_images(config, test),
                      test_error=result.test_error, run_config=config.to_dict())
     if verbose:
         from keras_local.report import run_summary
@@ -349,9 +352,18 @@ def tensorboard_method_callbacks(config, run_dir, test):
     log_dir = os.path.join(run_dir, "logs")
     callbacks = [HParamsSummary(log_dir, config, trial_id=os.path.basename(run_dir))]
     if config.similarity_examples:
-        info = get_dataset_info(config.dataset)
+        info = dataset_info(config)
         chosen = class_sorted_sample(test[1], config.similarity_examples)
         callbacks.append(SimilarityImages(os.path.join(log_dir, "similarity"),
                                           normalise_numpy(test[0][chosen], info),
                                           test[1][chosen], info.num_classes))
     return callbacks
+
+
+def _check_images(config, test):
+    """Raw-pixel test images for the export's parity check (decoded for image folders)."""
+    if config.dataset in ("folder", "imagenet"):
+        from keras_local.data.folders import check_images
+
+        return check_images(config, test)
+    return test[0][:256]

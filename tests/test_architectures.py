@@ -29,7 +29,12 @@ def test_every_reference_architecture_is_registered():
             "vgg16", "vgg19"} <= set(kl.list_models())
 
 
-@pytest.mark.parametrize("name", kl.list_models())
+# 100+ local convs: building all their heads and metrics takes 10-30 s on 2 busy cores.
+HEAVY = {"resnet101", "resnet152"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n
+                                  for n in kl.list_models()])
 def test_every_registered_architecture_builds(name):
     model = kl.build_model(name, (32, 32, 3), 10, kl.Config(feat_mult=0.125, num_hidden=32))
     assert model(np.zeros((2, 32, 32, 3), "float32")).shape == (2, 10)

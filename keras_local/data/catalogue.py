@@ -61,6 +61,11 @@ for _info in [
                     (0.260, 0.257, 0.271),
                     class_names=("airplane", "bird", "car", "cat", "deer", "dog", "horse",
                                  "monkey", "ship", "truck")),
+        # Image folders (keras_local.data.folders): shape, classes and normalisation come
+        # from the folder and the Config (dataset_info), these are the defaults.
+        DatasetInfo("folder", "", (32, 32, 3), 0, (), ()),
+        DatasetInfo("imagenet", "", (224, 224, 3), 1000, (0.485, 0.456, 0.406),
+                    (0.229, 0.224, 0.225)),
 ]:
     register_dataset(_info)
 
@@ -74,3 +79,19 @@ def get_dataset_info(name):
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return DATASETS[name]
+
+
+def dataset_info(config):
+    """The DatasetInfo of ``config.dataset``; for image folders ("folder", "imagenet") the
+    shape, classes and normalisation the folder scan stored in the Config
+    (``keras_local.data.folders.describe_folder``)."""
+    info = get_dataset_info(config.dataset)
+    if config.dataset not in ("folder", "imagenet"):
+        return info
+    size = config.image_size or info.input_shape[0]
+    return dataclasses.replace(
+        info, input_shape=(size, size, 3),
+        num_classes=len(config.class_names) or info.num_classes,
+        mean=tuple(config.data_mean) or info.mean, std=tuple(config.data_std) or info.std,
+        crop_padding=size // 8 if size <= 64 else 0, horizontal_flip=True,
+        class_names=tuple(config.class_names))

@@ -14,6 +14,7 @@ import pickletools
 import numpy as np
 
 from keras_local.data.catalogue import get_dataset_info
+from keras_local.data.folders import FOLDER_DATASETS
 from keras_local.data.idx import DataFileError, read_idx
 
 MNIST_FAMILY = ("mnist", "fashion_mnist", "kmnist")
@@ -35,6 +36,8 @@ def load_arrays(config):
     (MNIST-family IDX, CIFAR python pickles); tensorflow-datasets (``data_dir`` as
     its data dir). ``config.max_train_examples`` keeps the first N training images.
     """
+    if config.dataset in FOLDER_DATASETS:
+        return _load_folder(config)
     info = get_dataset_info(config.dataset)
     if config.dataset == "fashion_mnist_demo":
         train, test = _load_demo()
@@ -50,6 +53,19 @@ def load_arrays(config):
 
 
 # ------------------------------------------------------------------- sources
+def _load_folder(config):
+    """An image folder (keras_local.data.folders); max_train_examples keeps a seeded
+    random subset (the files are ordered by class)."""
+    from keras_local.data.folders import load_folder
+
+    train, test = load_folder(config)
+    if config.max_train_examples is not None and config.max_train_examples < len(train[1]):
+        keep = np.sort(np.random.default_rng(config.seed).choice(
+            len(train[1]), config.max_train_examples, replace=False))
+        train = (train[0][keep], train[1][keep])
+    return train, test
+
+
 def _load_demo():
     from importlib import resources
 

@@ -4,7 +4,7 @@ sampling) and their NumPy twin for machines without TensorFlow."""
 import keras
 import numpy as np
 
-from keras_local.data.catalogue import get_dataset_info
+from keras_local.data.catalogue import dataset_info
 
 
 # ------------------------------------------------------------------ sampling
@@ -76,7 +76,11 @@ def make_datasets(config, train, test, epoch_clock=None):
     in the epoch): ``epoch_clock`` says which epoch is being fed (see EpochClock)."""
     import tensorflow as tf
 
-    info = get_dataset_info(config.dataset)
+    info = dataset_info(config)
+    if config.dataset in ("folder", "imagenet") and train[0].dtype.kind in "US":
+        from keras_local.data.folders import make_folder_datasets
+
+        return make_folder_datasets(config, info, train, test)  # file paths: streamed
     x_train, y_train = train
     x_test, y_test = test
     autotune = tf.data.AUTOTUNE
@@ -164,7 +168,7 @@ def make_numpy_datasets(config, train, test, epoch_clock=None):
     """(train, test) as ``keras.utils.PyDataset``s of NumPy batches: the same
     normalisation and augmentation as ``make_datasets``, for machines without
     TensorFlow (JAX or torch backends). Deterministic under ``config.seed``."""
-    info = get_dataset_info(config.dataset)
+    info = dataset_info(config)
     return (NumpyBatches(train, info, config, augment=True, epoch_clock=epoch_clock),
             NumpyBatches(test, info, config.replace(batch_size=max(config.batch_size, 256)),
                          augment=False))

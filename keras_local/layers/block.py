@@ -43,7 +43,7 @@ class LocalBlock(keras.layers.Layer):
     def __init__(self, kind, width, num_classes, kernel_size=3, strides=1,
                  batch_norm=True, nonlin="relu", dropout=0.0, local_loss="predsim",
                  beta=0.99, dim_in_decoder=4096, bio=False, target_proj_size=128,
-                 seed=None, **kwargs):
+                 seed=None, use_bias=True, **kwargs):
         super().__init__(**kwargs)
         if kind not in BLOCK_KINDS:
             raise ValueError(f"unknown block kind {kind!r}; choose one of {', '.join(BLOCK_KINDS)}")
@@ -61,6 +61,7 @@ class LocalBlock(keras.layers.Layer):
         self.bio = bio
         self.target_proj_size = target_proj_size
         self.seed = seed
+        self.use_bias = use_bias  # encoder bias (ResNets' convs have none)
         self.local_loss_spec = get_local_loss(local_loss) if local_loss else None
 
         policy = self.dtype_policy
@@ -71,14 +72,14 @@ class LocalBlock(keras.layers.Layer):
                     kernel_size // 2, dtype=policy, name=f"{self.name}_encoder_padding")
             self.encoder = keras.layers.Conv2D(
                 width, kernel_size, strides=strides,
-                padding="same" if strides == 1 else "valid",
+                padding="same" if strides == 1 else "valid", use_bias=use_bias,
                 kernel_initializer=torch_kernel_initializer(part_seed(seed, "encoder")),
                 dtype=policy, name=f"{self.name}_encoder")
         else:
             self.encoder_padding = None
             self.encoder = keras.layers.Dense(
                 width, kernel_initializer=torch_kernel_initializer(part_seed(seed, "encoder")),
-                dtype=policy,
+                dtype=policy, use_bias=use_bias,
                 name=f"{self.name}_encoder")
         # PyTorch BatchNorm defaults: running-average momentum 0.1, eps 1e-5.
         self.bn = (keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype=policy,
@@ -183,4 +184,5 @@ class LocalBlock(keras.layers.Layer):
             "local_loss": self.local_loss_name, "beta": self.beta,
             "dim_in_decoder": self.dim_in_decoder, "bio": self.bio,
             "target_proj_size": self.target_proj_size, "seed": self.seed,
+            "use_bias": self.use_bias,
         }

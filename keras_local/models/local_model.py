@@ -124,7 +124,9 @@ class LocalModel(keras.Model):
         inputs = keras.Input(shape=self.example_shape, name="image")
         h = inputs
         for layer in self.feature_layers:
-            if isinstance(layer, LocalBlock):
+            if hasattr(layer, "inference_call"):  # residual convs: (h, shortcut) tuples
+                h = layer.inference_call(h)
+            elif isinstance(layer, LocalBlock):
                 for inner in layer.inference_layers():
                     h = inner(h)
             else:

@@ -8,7 +8,7 @@ register their names in their own module (``mlp.py``, ``vgg.py``, listed in
 
 import importlib
 
-FAMILIES = ("keras_local.models.mlp", "keras_local.models.vgg")
+FAMILIES = ("keras_local.models.mlp", "keras_local.models.vgg", "keras_local.models.resnet")
 MODELS = {}
 
 
@@ -38,4 +38,7 @@ def build_feature_layers(name, input_shape, num_classes, config):
     _import_families()
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    return MODELS[name](tuple(input_shape), num_classes, config)
+    from keras_local.models.modules import group_into_modules
+
+    layers = MODELS[name](tuple(input_shape), num_classes, config)
+    return group_into_modules(layers, getattr(config, "modules", None))

@@ -97,6 +97,11 @@ class PipelineBuffers:
         shape = (None,) + tuple(model.example_shape)
         for stage, consumer in zip(self.stages[:-1], self.stages[1:]):
             shape = stage.output_shape(shape)
+            if isinstance(shape[0], tuple):
+                raise ValueError(
+                    f"pipeline: segment {stage.name} passes a (h, block input) pair, as the "
+                    f"convs inside residual blocks do; the pipelined mode buffers one tensor "
+                    f"per boundary: train {model.architecture} without pipeline")
             self.boundaries.append(Boundary(stage.name, shape[1:], stage.layers[-1].compute_dtype,
                                             model.num_classes, consumer.device))
 

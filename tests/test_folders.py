@@ -1,0 +1,133 @@
+"""--dataset folder: a generated 3-class image folder trains, exports, and
+``python -m export.predict`` names the folder's classes; bad folders fail in one line."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import keras_local as kl
+from keras_local.data.catalogue import dataset_info
+from keras_local.data.folders import describe_folder, load_folder, make_folder_datasets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ("apple", "grass", "sky")
+COLOURS = {"apple": (200, 30, 30), "grass": (30, 180, 40), "sky": (40, 60, 210)}
+
+
+def make_folder(root, per_class=(8, 3), size=(20, 24), classes=CLASSES, splits=("train", "val")):
+    """Noisy images of one colour per class: PNG in train/, JPEG in the eval split."""
+    rng = np.random.default_rng(0)
+    for split, count in zip(splits, per_class):
+        for name in classes:
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                pixels = np.clip(np.asarray(COLOURS.get(name, (128, 128, 128)))
+                                 + rng.normal(0, 25, size + (3,)), 0, 255).astype("uint8")
+                ext = "png" if split == "train" else "jpg"
+                Image.fromarray(pixels).save(os.path.join(folder, f"{i}.{ext}"))
+    return str(root)
+
+
+def train_main(argv):
+    sys.path.insert(0, ROOT)
+    try:
+        from train import main
+    finally:
+        sys.path.remove(ROOT)
+    return main(argv)
+
+
+def test_folder_scan_fills_the_config(tmp_path):
+    root = make_folder(tmp_path)
+    config = describe_folder(kl.Config(dataset="folder", data_dir=root, image_size=16))
+    assert config.class_names == CLASSES and config.image_size == 16
+    info = dataset_info(config)
+    assert info.input_shape == (16, 16, 3) and info.num_classes == 3
+    assert info.mean[0] > info.mean[1] and info.crop_padding == 2  # red-heavy apples
+    (x, y), (xv, yv) = load_folder(config)
+    assert x.shape == (24, 16, 16, 3) and x.dtype == np.uint8 and list(np.bincount(y)) == [8] * 3
+    assert xv.shape == (9, 16, 16, 3)
+    np.testing.assert_allclose(x.reshape(-1, 3).mean(0) / 255, info.mean, atol=0.01)
+
+
+def test_large_images_stream_with_imagenet_transforms(tmp_path):
+    root = make_folder(tmp_path, per_class=(2, 1), size=(90, 120))
+    config = describe_folder(kl.Config(dataset="folder", data_dir=root, image_size=72,
+                                       batch_size=4))
+    train, test = load_folder(config)
+    assert train[0].dtype.kind in "US"  # file paths: decoded by tf.data
+    train_ds, test_ds = make_folder_datasets(config, dataset_info(config), train, test)
+    images, labels = next(iter(train_ds))
+    assert images.shape == (4, 72, 72, 3)
+    images, labels = next(iter(test_ds))
+    assert images.shape == (3, 72, 72, 3) and list(labels.numpy()) == [0, 1, 2]
+
+
+def test_folder_trains_exports_and_predict_names_its_classes(tmp_path, capsys):
+    root = make_folder(tmp_path / "images")
+    save_dir = tmp_path / "runs"
+    code = train_main(["--dataset", "folder", "--data-dir", root, "--image-size", "12",
+                       "--model", "mlp", "--num-hidden", "16", "--epochs", "3",
+                       "--batch-size", "8", "--lr", "0.01", "--lr-decay-milestones", "50",
+                       "--save-dir", str(save_dir), "--no-jit", "--quiet"])
+    assert code == 0
+    (run_dir,) = [str(p) for p in save_dir.iterdir()]
+    metadata = json.loads(open(os.path.join(run_dir, "export", "metadata.json")).read())
+    assert metadata["class_names"] == list(CLASSES)
+    assert metadata["input"]["shape"] == [None, 12, 12, 3]
+    stored = json.loads(open(os.path.join(run_dir, "config.json")).read())
+    assert stored["class_names"] == list(CLASSES) and len(stored["data_mean"]) == 3
+    from export.predict import main as predict_main
+
+    capsys.readouterr()
+    image = os.path.join(root, "val", "sky", "0.jpg")
+    assert predict_main([os.path.join(run_dir, "export", "model.onnx"), image,
+                         "--top-k", "3"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(image + ": ")
+    assert sorted(item.rsplit(" ", 1)[0] for item in line.split(": ", 1)[1].split(", ")) \
+        == sorted(CLASSES)
+
+
+@pytest.mark.parametrize("problem,message", [
+    ("missing", "does not exist"),
+    ("no_train", "has no train/ folder"),
+    ("no_classes", "has no class subfolders"),
+    ("differing", "class folders differ between"),
+    ("undecodable", "cannot decode the image"),
+    ("no_data_dir", "needs --data-dir"),
+])
+def test_bad_folders_fail_in_one_line(tmp_path, capsys, problem, message):
+    root = tmp_path / "images"
+    if problem == "no_train":
+        os.makedirs(root / "val" / "a")
+    elif problem == "no_classes":
+        os.makedirs(root / "train")
+        os.makedirs(root / "val")
+    elif problem == "differing":
+        make_folder(root, per_class=(2, 1))
+        os.rename(root / "val" / "sky", root / "val" / "clouds")
+    elif problem == "undecodable":
+        make_folder(root, per_class=(2, 1))
+        (root / "train" / "sky" / "broken.png").write_bytes(b"not an image at all")
+    argv = ["--dataset", "folder", "--model", "mlp", "--save-dir", str(tmp_path / "runs")]
+    if problem != "no_data_dir":
+        argv += ["--data-dir", str(root)]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_imagenet_is_the_folder_reader_with_imagenet_normalisation(tmp_path):
+    root = make_folder(tmp_path, per_class=(1, 1))
+    with pytest.raises(Exception, match="needs ImageNet's 1000 class folders.*has 3"):
+        describe_folder(kl.Config(dataset="imagenet", data_dir=root))
+    info = dataset_info(kl.Config(dataset="imagenet"))
+    assert info.input_shape == (224, 224, 3) and info.num_classes == 1000
+    assert info.mean == (0.485, 0.456, 0.406) and info.crop_padding == 0
