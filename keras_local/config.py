@@ -8,7 +8,7 @@ from typing import Optional
 
 LOSS_SUP_CHOICES = ("pred", "sim", "predsim")
 NONLIN_CHOICES = ("relu", "leakyrelu")
-OPTIM_CHOICES = ("adam", "amsgrad", "sgd")
+OPTIM_CHOICES = ("adam", "amsgrad", "sgd", "keras_adam")
 PRECISION_CHOICES = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGY_CHOICES = ("auto", "one", "mirrored", "multiworker")
 PLACEMENT_CHOICES = ("none", "layerwise")
@@ -96,6 +96,9 @@ class Config:
             raise ValueError(f"num_layers must be >= 0, got {self.num_layers}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.weight_decay and self.optim == "keras_adam":
+            raise ValueError(f"weight_decay {self.weight_decay} needs optim adam, amsgrad or "
+                             f"sgd (coupled L2, as PyTorch); keras_adam has none")
         if list(self.lr_decay_milestones) != sorted(self.lr_decay_milestones):
             raise ValueError(
                 f"lr_decay_milestones must be increasing, got {list(self.lr_decay_milestones)}"
