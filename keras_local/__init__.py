@@ -13,6 +13,8 @@ from keras_local.losses import LOCAL_LOSSES, LocalLossInputs, list_local_losses,
 from keras_local.models import LocalModel, build_model, list_models, register_model
 from keras_local.models.vgg import VGG_CHANNELS
 from keras_local.optim import make_optimizer, milestone_learning_rate
+from keras_local.optimizers import TorchAdam, TorchSGD
+from keras_local.layers.batch_norm import TorchBatchNormalization
 from keras_local.losses import (
     binary_pred_loss,
     pred_loss,
@@ -26,5 +28,5 @@ __all__ = [
     "LabelProjection", "PredHead", "SimHead", "decoder_pool_geometry", "LOCAL_LOSSES",
     "register_local_loss", "LocalLossInputs", "list_local_losses", "LocalModel", "build_model", "make_optimizer",
     "milestone_learning_rate", "binary_pred_loss", "pred_loss", "predsim_loss", "sim_loss",
-    "similarity_matrix",
+    "similarity_matrix", "TorchAdam", "TorchSGD", "TorchBatchNormalization",
 ]

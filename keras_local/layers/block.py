@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_local.layers.batch_norm import TorchBatchNormalization
 from keras_local.layers.feedback import LabelProjection
 from keras_local.layers.heads import PredHead, SimHead, torch_kernel_initializer
 from keras_local.losses import LocalLossInputs, get_local_loss
@@ -80,8 +81,9 @@ class LocalBlock(keras.layers.Layer):
                 width, kernel_initializer=torch_kernel_initializer(part_seed(seed, "encoder")),
                 dtype=policy,
                 name=f"{self.name}_encoder")
-        # PyTorch BatchNorm defaults: running-average momentum 0.1, eps 1e-5.
-        self.bn = (keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype=policy,
+        # PyTorch BatchNorm defaults: running-average momentum 0.1, eps 1e-5, unbiased
+        # moving variance.
+        self.bn = (TorchBatchNormalization(momentum=0.9, epsilon=1e-5, dtype=policy,
                                                    name=f"{self.name}_bn") if batch_norm else None)
         if nonlin == "leakyrelu":
             self.activation = keras.layers.LeakyReLU(negative_slope=0.01, dtype=policy, name=f"{self.name}_act")
