@@ -5,7 +5,8 @@ from keras import ops
 
 from keras_local.layers.batch_norm import TorchBatchNormalization
 from keras_local.layers.feedback import LabelProjection
-from keras_local.layers.heads import PredHead, SimHead, torch_kernel_initializer
+from keras_local.layers.heads import PredHead, SimHead, torch_bias_initializer
+from keras_local.layers.heads import torch_kernel_initializer
 from keras_local.losses import LocalLossInputs, get_local_loss
 from keras_local.losses import error_percent
 
@@ -14,7 +15,8 @@ BLOCK_KINDS = ("dense", "conv")
 # Every random part of a block draws from its own seed: block_seed + offset. Keras's
 # seeded initialisers replay the same stream for the same integer, so two parts (or two
 # blocks, see SEED_STRIDE) sharing a seed would start as scaled copies of each other.
-SEED_OFFSETS = {"encoder": 0, "dropout": 1, "sim_head": 2, "projection": 3, "feedback": 4}
+SEED_OFFSETS = {"encoder": 0, "dropout": 1, "sim_head": 2, "projection": 3, "feedback": 4,
+                "encoder_bias": 5, "pred_bias": 6}
 SEED_STRIDE = 100  # distance between the seeds of consecutive blocks
 
 
@@ -105,7 +107,8 @@ class LocalBlock(keras.layers.Layer):
                     name=f"{self.name}_label_projection")
             if "pred" in self.local_loss_spec.heads:
                 self.heads["pred"] = PredHead(num_classes, dim_in_decoder, self.projection,
-                                              seed=part_seed(seed, "feedback"), dtype=policy,
+                                              seed=part_seed(seed, "feedback"),
+                                              bias_seed=part_seed(seed, "pred_bias"), dtype=policy,
                                               name=f"{self.name}_pred_head")
             if "sim" in self.local_loss_spec.heads:
                 self.heads["sim"] = SimHead(dim_in_decoder, self.projection,
@@ -127,6 +130,9 @@ class LocalBlock(keras.layers.Layer):
 
     def build(self, input_shape):
         shape = tuple(input_shape)
+        receptive_field = self.kernel_size**2 if self.kind == "conv" else 1
+        self.encoder.bias_initializer = torch_bias_initializer(
+            shape[-1] * receptive_field, part_seed(self.seed, "encoder_bias"))
         for layer in self.inference_layers():
             layer.build(shape)
             shape = tuple(layer.compute_output_shape(shape))

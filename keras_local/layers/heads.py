@@ -17,6 +17,13 @@ def torch_kernel_initializer(seed=None):
     )
 
 
+def torch_bias_initializer(fan_in, seed=None):
+    """PyTorch's default Linear/Conv bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)):
+    unlike a kernel's, its bound depends on a fan-in the bias's own shape does not show."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return keras.initializers.RandomUniform(-bound, bound, seed=seed)
+
+
 def decoder_pool_geometry(channels, size, dim_in_decoder):
     """Average-pool kernel and padding of the pred head (REFERENCE.md section 1).
 
@@ -86,16 +93,19 @@ class DecoderPooling(keras.layers.Layer):
 
 
 class PredHead(keras.layers.Layer):
-    """Pool (feature maps only) -> flatten -> Dense(num_classes), kernel initialised to 0.
+    """Pool (feature maps only) -> flatten -> Dense(num_classes), kernel initialised to 0,
+    bias to PyTorch's default (seeded by ``bias_seed``).
 
     With ``projection`` (bio): a feedback-alignment Dense to ``target_proj_size``
     logits, trained by sigmoid BCE against (onehot(y) P > 0).
     """
 
-    def __init__(self, num_classes, dim_in_decoder, projection=None, seed=None, **kwargs):
+    def __init__(self, num_classes, dim_in_decoder, projection=None, seed=None, bias_seed=None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.projection = projection
+        self.bias_seed = bias_seed
         self.pool = DecoderPooling(dim_in_decoder, dtype=self.dtype_policy, name="pool")
         if projection is None:
             self.dense = keras.layers.Dense(
@@ -109,7 +119,10 @@ class PredHead(keras.layers.Layer):
     def build(self, input_shape):
         self.pool.build(input_shape)
         pooled = self.pool.compute_output_shape(input_shape)
-        self.dense.build((pooled[0], math.prod(pooled[1:])))
+        fan_in = math.prod(pooled[1:])
+        if self.projection is None:  # the reference zeroes the weight only (LinearFA: both)
+            self.dense.bias_initializer = torch_bias_initializer(fan_in, self.bias_seed)
+        self.dense.build((pooled[0], fan_in))
 
     def call(self, h):
         pooled = self.pool(h)
