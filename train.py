@@ -40,6 +40,8 @@ def parse_args(argv):
     data.add_argument("--length", type=int, default=16, help="cutout square side")
     data.add_argument("--classes-per-batch", type=int, default=0,
                       help="batches with only N distinct classes (0 = ordinary shuffling)")
+    data.add_argument("--classes-per-batch-until-epoch", type=int, default=0,
+                      help="limit the classes per batch until this epoch (0: until the end)")
     model = p.add_argument_group("model")
     model.add_argument("--model", default="vgg8b", choices=MODELS, metavar="NAME",
                        help=f"one of {', '.join(MODELS)}")
@@ -65,6 +67,14 @@ def parse_args(argv):
                             "projection")
     local.add_argument("--target-proj-size", type=int, default=128,
                        help="size of the random label projection (--bio)")
+    local.add_argument("--loss-unsup", default="none", choices=("none", "sim", "recon"),
+                       help="unsupervised local term: sim = MSE(S(h), S(block input)), "
+                            "recon = reconstruction of the block input")
+    local.add_argument("--alpha", type=float, default=0.0,
+                       help="block loss = alpha * unsupervised + (1 - alpha) * supervised")
+    local.add_argument("--no-similarity-std", action="store_true",
+                       help="similarity of feature maps on the flattened maps, not on the "
+                            "per-channel spatial std")
     optim = p.add_argument_group("optimisation")
     optim.add_argument("--batch-size", type=int, default=128)
     optim.add_argument("--epochs", type=int, default=400)
@@ -72,7 +82,9 @@ def parse_args(argv):
     optim.add_argument("--lr-decay-milestones", type=int, nargs="+",
                        default=[200, 300, 350, 375], help="epochs at which lr is decayed")
     optim.add_argument("--lr-decay-fact", type=float, default=0.25)
-    optim.add_argument("--optim", default="adam", choices=("adam", "amsgrad", "sgd"))
+    optim.add_argument("--optim", default="adam", choices=("adam", "amsgrad", "sgd", "keras_adam"),
+                       help="PyTorch's Adam / AMSGrad / SGD (as the reference); keras_adam: "
+                            "Keras's Adam (epsilon before bias correction)")
     optim.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
     optim.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
     run = p.add_argument_group("run")
@@ -101,8 +113,10 @@ def parse_args(argv):
 
 def config_values(args):
     values = {key: value for key, value in vars(args).items()
-              if key not in ("no_batch_norm", "no_jit", "no_export", "quiet")}
+              if key not in ("no_batch_norm", "no_jit", "no_export", "quiet",
+                             "no_similarity_std")}
     values["batch_norm"] = not args.no_batch_norm
+    values["similarity_std"] = not args.no_similarity_std
     values["jit_compile"] = not args.no_jit
     values["lr_decay_milestones"] = tuple(args.lr_decay_milestones)
     return values

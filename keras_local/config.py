@@ -7,6 +7,7 @@ import json
 from typing import Optional
 
 LOSS_SUP_CHOICES = ("pred", "sim", "predsim")
+LOSS_UNSUP_CHOICES = ("none", "sim", "recon")
 NONLIN_CHOICES = ("relu", "leakyrelu")
 OPTIM_CHOICES = ("adam", "amsgrad", "sgd", "keras_adam")
 PRECISION_CHOICES = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -31,6 +32,7 @@ class Config:
     cutout: bool = False
     length: int = 16
     classes_per_batch: int = 0
+    classes_per_batch_until_epoch: int = 0  # 0: every epoch; N: epochs 1..N, then shuffled
     # model
     model: str = "vgg8b"
     num_layers: int = 1
@@ -47,6 +49,9 @@ class Config:
     no_detach: bool = False
     bio: bool = False
     target_proj_size: int = 128
+    alpha: float = 0.0  # block loss = alpha * unsupervised + (1 - alpha) * supervised
+    loss_unsup: str = "none"
+    similarity_std: bool = True  # the reference's --no-similarity-std sets False
     # optimisation
     batch_size: int = 128
     epochs: int = 400
@@ -67,10 +72,13 @@ class Config:
     strategy: str = "auto"
     placement: str = "none"
     pipeline: bool = False
+    # the paper recipe (keras_local.recipes) these options started from, if any
+    recipe: Optional[str] = None
 
     def __post_init__(self):
         self.lr_decay_milestones = tuple(int(m) for m in self.lr_decay_milestones)
         _check_choice("loss_sup", self.loss_sup, LOSS_SUP_CHOICES)
+        _check_choice("loss_unsup", self.loss_unsup, LOSS_UNSUP_CHOICES)
         _check_choice("nonlin", self.nonlin, NONLIN_CHOICES)
         _check_choice("optim", self.optim, OPTIM_CHOICES)
         _check_choice("precision", self.precision, PRECISION_CHOICES)
@@ -84,6 +92,10 @@ class Config:
         if self.bio and self.backprop:
             raise ValueError("bio needs local losses: it cannot be combined with backprop")
         _check_range("beta", self.beta, 0.0, 1.0)
+        _check_range("alpha", self.alpha, 0.0, 1.0)
+        if self.classes_per_batch_until_epoch < 0:
+            raise ValueError(f"classes_per_batch_until_epoch must be >= 0, "
+                             f"got {self.classes_per_batch_until_epoch}")
         _check_range("dropout", self.dropout, 0.0, 1.0, upper_open=True)
         _check_positive("batch_size", self.batch_size)
         _check_positive("epochs", self.epochs)

@@ -35,6 +35,21 @@ def class_limited_order(labels, classes_per_batch, batch_size, rng):
     return np.asarray(order, dtype=np.int64)
 
 
+def classes_limited_in_epoch(config, epoch):
+    """Whether 0-based ``epoch`` uses the class-limited order: with ``classes_per_batch``,
+    every epoch, or with ``classes_per_batch_until_epoch`` N only epochs 0 .. N-1 (the
+    reference's 1-based epochs 1 .. N); later epochs are shuffled as usual."""
+    until = config.classes_per_batch_until_epoch
+    return bool(config.classes_per_batch) and (until == 0 or epoch < until)
+
+
+def epoch_order(labels, config, epoch, rng):
+    """The example order of 0-based ``epoch`` of the training set."""
+    if classes_limited_in_epoch(config, epoch):
+        return class_limited_order(labels, config.classes_per_batch, config.batch_size, rng)
+    return rng.permutation(len(labels))
+
+
 # ------------------------------------------------------------------ pipeline
 def normalise(images, info):
     """uint8 [0, 255] -> (x / 255 - mean) / std, float32."""
@@ -58,9 +73,9 @@ def make_datasets(config, train, test):
         epoch_counter = iter(range(1 << 62))
 
         def epoch_examples():
-            rng = np.random.default_rng([config.seed, next(epoch_counter)])
-            for index in class_limited_order(y_train, config.classes_per_batch,
-                                             config.batch_size, rng):
+            epoch = next(epoch_counter)
+            rng = np.random.default_rng([config.seed, epoch])
+            for index in epoch_order(y_train, config, epoch, rng):
                 yield x_train[index], y_train[index]
 
         examples = tf.data.Dataset.from_generator(epoch_examples, output_signature=(
@@ -152,10 +167,7 @@ class NumpyBatches(keras.utils.PyDataset):
         if not self.augment:
             return np.arange(len(self.images))
         rng = np.random.default_rng([self.config.seed, self.epoch])
-        if self.config.classes_per_batch:
-            return class_limited_order(self.labels, self.config.classes_per_batch,
-                                       self.config.batch_size, rng)
-        return rng.permutation(len(self.images))
+        return epoch_order(self.labels, self.config, self.epoch, rng)
 
     def __len__(self):
         return -(-len(self.order) // self.config.batch_size)

@@ -147,11 +147,13 @@ class SimHead(keras.layers.Layer):
     conv: S is taken of the average-pooled h, and the target is S(onehot(y) P).
     """
 
-    def __init__(self, dim_in_decoder, projection=None, seed=None, **kwargs):
+    def __init__(self, dim_in_decoder, projection=None, seed=None, similarity_std=True,
+                 **kwargs):
         super().__init__(**kwargs)
         self.projection = projection
         self.dim_in_decoder = dim_in_decoder
         self.seed = seed
+        self.similarity_std = similarity_std
         self.transform = None
 
     def build(self, input_shape):
@@ -176,4 +178,54 @@ class SimHead(keras.layers.Layer):
 
     def loss(self, h, labels_onehot):
         targets = labels_onehot if self.projection is None else self.projection(labels_onehot)
-        return sim_loss(self(h), targets)
+        return sim_loss(self(h), targets, self.similarity_std)
+
+    def input_similarity_loss(self, h, inputs):
+        """The unsupervised sim term: MSE(S(head(h)), S(inputs)), inputs without gradient."""
+        return sim_loss(self(h), ops.stop_gradient(inputs), self.similarity_std)
+
+
+class ReconstructionHead(keras.layers.Layer):
+    """The reference's ``decoder_x``: h -> Dense(input width) (dense blocks) or
+    Conv2DTranspose(input channels, same kernel, stride 1, 'same') (conv blocks), with
+    bias, then the block's nonlinearity. Loss: MSE(reconstruction, block input), the
+    input without gradient. PyTorch's default init (ConvTranspose2d's fan-in is
+    input channels x kernel area, which Keras's VarianceScaling computes alike).
+    """
+
+    def __init__(self, kernel_size=3, strides=1, nonlin="relu", seed=None, bias_seed=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if strides != 1:
+            raise ValueError(f"the recon term needs stride-1 encoders, got strides={strides}")
+        self.kernel_size = kernel_size
+        self.nonlin = nonlin
+        self.seed = seed
+        self.bias_seed = bias_seed
+        self.decoder = None
+
+    def build(self, input_shape, target_shape):
+        """``input_shape``: h's shape; ``target_shape``: the block input's shape."""
+        channels = target_shape[-1]
+        common = dict(kernel_initializer=torch_kernel_initializer(self.seed),
+                      dtype=self.dtype_policy, name="decoder")
+        if len(input_shape) == 4:
+            self.decoder = keras.layers.Conv2DTranspose(
+                channels, self.kernel_size, padding="same",
+                bias_initializer=torch_bias_initializer(channels * self.kernel_size**2,
+                                                        self.bias_seed), **common)
+        else:
+            self.decoder = keras.layers.Dense(
+                channels, bias_initializer=torch_bias_initializer(input_shape[-1],
+                                                                  self.bias_seed), **common)
+        self.decoder.build(input_shape)
+
+    def call(self, h):
+        reconstruction = self.decoder(h)
+        if self.nonlin == "leakyrelu":
+            return ops.leaky_relu(reconstruction, negative_slope=0.01)
+        return ops.relu(reconstruction)
+
+    def loss(self, h, inputs):
+        reconstruction = ops.cast(self(h), "float32")
+        return ops.mean(ops.square(reconstruction - ops.stop_gradient(ops.cast(inputs, "float32"))))
