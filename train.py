@@ -22,7 +22,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def parse_args(argv):
+def make_parser():
     p = OneLineParser(
         prog="train.py",
         description="Train deep networks with local error signals (Nøkland & Eidnes 2019): "
@@ -108,18 +108,54 @@ def parse_args(argv):
     run.add_argument("--no-export", action="store_true",
                      help="skip the SavedModel/ONNX export at the end")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    recipes = p.add_argument_group("the paper's recipes")
+    recipes.add_argument("--recipe", default=None, metavar="NAME",
+                         help="fill every option from one row of the paper's tables "
+                              "(--list-recipes); explicit flags override it. Default: the "
+                              "row matching --dataset, --model, --feat-mult, --cutout and the "
+                              "method, if any; 'none' for the plain defaults")
+    recipes.add_argument("--list-recipes", action="store_true",
+                         help="print the recipes with their published test error and exit")
+    return p
+
+
+def parse_args(argv):
+    return make_parser().parse_args(argv)
+
+
+def explicit_options(argv):
+    """The options (destination names) given on the command line, whatever their values."""
+    parser = make_parser()
+    unset = object()
+    # argparse fills in a default only where the namespace lacks the attribute.
+    given = parser.parse_args(argv, argparse.Namespace(
+        **dict.fromkeys(vars(parser.parse_args(argv)), unset)))
+    return {dest for dest, value in vars(given).items() if value is not unset}
 
 
 def config_values(args):
     values = {key: value for key, value in vars(args).items()
               if key not in ("no_batch_norm", "no_jit", "no_export", "quiet",
-                             "no_similarity_std")}
+                             "no_similarity_std", "list_recipes")}
     values["batch_norm"] = not args.no_batch_norm
     values["similarity_std"] = not args.no_similarity_std
     values["jit_compile"] = not args.no_jit
     values["lr_decay_milestones"] = tuple(args.lr_decay_milestones)
+    if values["recipe"] == "none":
+        values["recipe"] = None
     return values
+
+
+def recipe_config_values(args, argv):
+    """Config values of the run: the recipe's options (named, or the one matching the
+    run) under the explicit flags; and the one-line note saying which recipe, if any.
+    A resumed run keeps its stored options, so no recipe applies."""
+    from keras_local.recipes import apply_recipe
+
+    values = config_values(args)
+    if args.resume:
+        return values, None
+    return apply_recipe(values, explicit_options(argv), args.recipe)
 
 
 def resumed_backend(run_dir):
@@ -135,16 +171,25 @@ def resumed_backend(run_dir):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ["KERAS_BACKEND"] = resumed_backend(args.resume) or args.backend  # before Keras
+    if args.list_recipes:
+        from keras_local.recipes import format_recipes
+
+        print(format_recipes())
+        return 0
     from keras_local.callbacks import NonFiniteLossError
     from keras_local.cli_errors import USER_ERRORS
     from keras_local.config import Config
     from keras_local.training import prepare, train_prepared
 
     try:
-        prepared = prepare(Config(**config_values(args)))
+        values, note = recipe_config_values(args, argv)
+        if note:
+            print(note)
+        prepared = prepare(Config(**values))
     except USER_ERRORS as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
