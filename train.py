@@ -27,8 +27,8 @@ def pre_parse(argv):
     return known
 
 
-def parse_args(argv):
-    """Parse ``argv``; the names offered come from the registries (models, datasets, local
+def make_parser():
+    """The command line; the names offered come from the registries (models, datasets, local
     losses), including what plugins registered. Starts no Keras backend."""
     from keras_local.data.catalogue import list_datasets
     from keras_local.local_losses import list_local_losses
@@ -62,6 +62,8 @@ def parse_args(argv):
     data.add_argument("--length", type=int, default=16, help="cutout square side")
     data.add_argument("--classes-per-batch", type=int, default=0,
                       help="batches with only N distinct classes (0 = ordinary shuffling)")
+    data.add_argument("--classes-per-batch-until-epoch", type=int, default=0,
+                      help="limit the classes per batch until this epoch (0: until the end)")
     model = p.add_argument_group("model")
     model.add_argument("--model", default="vgg8b", choices=models, metavar="NAME",
                        help=f"one of {', '.join(models)}")
@@ -94,6 +96,14 @@ def parse_args(argv):
                             "projection")
     local.add_argument("--target-proj-size", type=int, default=128,
                        help="size of the random label projection (--bio)")
+    local.add_argument("--loss-unsup", default="none", choices=("none", "sim", "recon"),
+                       help="unsupervised local term: sim = MSE(S(h), S(block input)), "
+                            "recon = reconstruction of the block input")
+    local.add_argument("--alpha", type=float, default=0.0,
+                       help="block loss = alpha * unsupervised + (1 - alpha) * supervised")
+    local.add_argument("--no-similarity-std", action="store_true",
+                       help="similarity of feature maps on the flattened maps, not on the "
+                            "per-channel spatial std")
     optim = p.add_argument_group("optimisation")
     optim.add_argument("--batch-size", type=int, default=128)
     optim.add_argument("--epochs", type=int, default=400)
@@ -101,7 +111,9 @@ def parse_args(argv):
     optim.add_argument("--lr-decay-milestones", type=int, nargs="+",
                        default=[200, 300, 350, 375], help="epochs at which lr is decayed")
     optim.add_argument("--lr-decay-fact", type=float, default=0.25)
-    optim.add_argument("--optim", default="adam", choices=("adam", "amsgrad", "sgd"))
+    optim.add_argument("--optim", default="adam", choices=("adam", "amsgrad", "sgd", "keras_adam"),
+                       help="PyTorch's Adam / AMSGrad / SGD (as the reference); keras_adam: "
+                            "Keras's Adam (epsilon before bias correction)")
     optim.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
     optim.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
     run = p.add_argument_group("run")
@@ -134,17 +146,55 @@ def parse_args(argv):
     run.add_argument("--similarity-examples", type=int, default=64, metavar="N",
                      help="test images whose similarity matrix TensorBoard shows for every "
                           "block after each epoch (0 = none)")
-    return p.parse_args(argv)
+    recipes = p.add_argument_group("the paper's recipes")
+    recipes.add_argument("--recipe", default=None, metavar="NAME",
+                         help="fill every option from one row of the paper's tables "
+                              "(--list-recipes); explicit flags override it. Default: the "
+                              "row matching --dataset, --model, --feat-mult, --cutout and the "
+                              "method, if any; 'none' for the plain defaults")
+    recipes.add_argument("--list-recipes", action="store_true",
+                         help="print the recipes with their published test error and exit")
+    return p
+
+
+def parse_args(argv):
+    return make_parser().parse_args(argv)
+
+
+def explicit_options(argv):
+    """The options (destination names) given on the command line, whatever their values."""
+    parser = make_parser()
+    unset = object()
+    # argparse fills in a default only where the namespace lacks the attribute.
+    given = parser.parse_args(argv, argparse.Namespace(
+        **dict.fromkeys(vars(parser.parse_args(argv)), unset)))
+    return {dest for dest, value in vars(given).items() if value is not unset}
 
 
 def config_values(args):
     values = {key: value for key, value in vars(args).items()
-              if key not in ("no_batch_norm", "no_jit", "no_export", "quiet", "plugin")}
+              if key not in ("no_batch_norm", "no_jit", "no_export", "quiet", "plugin",
+                             "no_similarity_std", "list_recipes")}
     values["plugins"] = tuple(args.plugin)
     values["batch_norm"] = not args.no_batch_norm
+    values["similarity_std"] = not args.no_similarity_std
     values["jit_compile"] = not args.no_jit
     values["lr_decay_milestones"] = tuple(args.lr_decay_milestones)
+    if values["recipe"] == "none":
+        values["recipe"] = None
     return values
+
+
+def recipe_config_values(args, argv):
+    """Config values of the run: the recipe's options (named, or the one matching the
+    run) under the explicit flags; and the one-line note saying which recipe, if any.
+    A resumed run keeps its stored options, so no recipe applies."""
+    from keras_local.recipes import apply_recipe
+
+    values = config_values(args)
+    if args.resume:
+        return values, None
+    return apply_recipe(values, explicit_options(argv), args.recipe)
 
 
 def resumed_options(run_dir):
@@ -180,13 +230,21 @@ def main(argv=None):
         return 2
     args = parse_args(argv)  # --help and bad flags end here, before TensorFlow starts
     quiet_start(import_tensorflow=True)  # no C++ start-up noise; tf.data on every backend
+    if args.list_recipes:
+        from keras_local.recipes import format_recipes
+
+        print(format_recipes())
+        return 0
     from keras_local.callbacks import NonFiniteLossError
     from keras_local.cli_errors import USER_ERRORS
     from keras_local.config import Config
     from keras_local.training import RunFinished, prepare, train_prepared
 
     try:
-        prepared = prepare(Config(**config_values(args)))
+        values, note = recipe_config_values(args, argv)
+        if note:
+            print(note)
+        prepared = prepare(Config(**values))
     except RunFinished as finished:
         print(f"train.py: {finished}")
         return 0

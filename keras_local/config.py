@@ -9,8 +9,9 @@ from typing import Optional
 
 from keras_local.local_losses import list_local_losses
 
+LOSS_UNSUP_CHOICES = ("none", "sim", "recon")
 NONLIN_CHOICES = ("relu", "leakyrelu")
-OPTIM_CHOICES = ("adam", "amsgrad", "sgd")
+OPTIM_CHOICES = ("adam", "amsgrad", "sgd", "keras_adam")
 PRECISION_CHOICES = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGY_CHOICES = ("auto", "one", "mirrored", "multiworker")
 PLACEMENT_CHOICES = ("none", "layerwise")
@@ -48,6 +49,7 @@ class Config:
     data_mean: tuple = ()   # per-channel normalisation; () = computed from the training images
     data_std: tuple = ()
     class_names: tuple = ()
+    classes_per_batch_until_epoch: int = 0  # 0: every epoch; N: epochs 1..N, then shuffled
     # model
     model: str = "vgg8b"
     num_layers: int = 1
@@ -66,6 +68,9 @@ class Config:
     bio: bool = False
     target_proj_size: int = 128
     modules: Optional[int] = None  # K local modules of consecutive layers; None = every layer
+    alpha: float = 0.0  # block loss = alpha * unsupervised + (1 - alpha) * supervised
+    loss_unsup: str = "none"
+    similarity_std: bool = True  # the reference's --no-similarity-std sets False
     # optimisation
     batch_size: int = 128
     epochs: int = 400
@@ -91,11 +96,14 @@ class Config:
     deterministic: bool = False  # tf.config.experimental.enable_op_determinism()
     # TensorBoard
     similarity_examples: int = 64  # test images of the per-block similarity images; 0 = none
+    # the paper recipe (keras_local.recipes) these options started from, if any
+    recipe: Optional[str] = None
 
     def __post_init__(self):
         self.lr_decay_milestones = tuple(int(m) for m in self.lr_decay_milestones)
         self.plugins = tuple(self.plugins)
         _check_choice("loss_sup", self.loss_sup, list_local_losses())
+        _check_choice("loss_unsup", self.loss_unsup, LOSS_UNSUP_CHOICES)
         _check_choice("nonlin", self.nonlin, NONLIN_CHOICES)
         _check_choice("optim", self.optim, OPTIM_CHOICES)
         _check_choice("precision", self.precision, PRECISION_CHOICES)
@@ -109,6 +117,10 @@ class Config:
         if self.bio and self.backprop:
             raise ValueError("bio needs local losses: it cannot be combined with backprop")
         _check_range("beta", self.beta, 0.0, 1.0)
+        _check_range("alpha", self.alpha, 0.0, 1.0)
+        if self.classes_per_batch_until_epoch < 0:
+            raise ValueError(f"classes_per_batch_until_epoch must be >= 0, "
+                             f"got {self.classes_per_batch_until_epoch}")
         _check_range("dropout", self.dropout, 0.0, 1.0, upper_open=True)
         _check_positive("batch_size", self.batch_size)
         _check_positive("epochs", self.epochs)
@@ -121,6 +133,9 @@ class Config:
             raise ValueError(f"num_layers must be >= 0, got {self.num_layers}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.weight_decay and self.optim == "keras_adam":
+            raise ValueError(f"weight_decay {self.weight_decay} needs optim adam, amsgrad or "
+                             f"sgd (coupled L2, as PyTorch); keras_adam has none")
         if list(self.lr_decay_milestones) != sorted(self.lr_decay_milestones):
             raise ValueError(
                 f"lr_decay_milestones must be increasing, got {list(self.lr_decay_milestones)}"

@@ -34,7 +34,7 @@ class LocalLoss:
     """
 
     name: str
-    heads: tuple  # subset of ("pred", "sim")
+    heads: tuple  # subset of ("pred", "sim", "decoder")
     metrics: tuple
     compute: Callable
 
@@ -86,3 +86,20 @@ def _predsim(x):
     sim = x.heads["sim"].loss(x.h, x.labels_onehot)
     return {"loss": predsim_loss(pred, sim, x.beta), "pred_loss": pred, "sim_loss": sim,
             "scores": scores}
+
+
+# Unsupervised terms (the reference's --loss-unsup): a block with one of them trains on
+# alpha * unsupervised + (1 - alpha) * supervised (``LocalBlock.local_loss``).
+@register_local_loss("unsup_sim", heads=("sim",), metrics=("unsup_sim_loss",))
+def _unsup_sim(x):
+    """MSE(S(sim_head(h)), S(block input)): the examples keep the similarity structure
+    they had at the block's input."""
+    loss = x.heads["sim"].input_similarity_loss(x.h, x.inputs)
+    return {"loss": loss, "unsup_sim_loss": loss}
+
+
+@register_local_loss("unsup_recon", heads=("decoder",), metrics=("recon_loss",))
+def _unsup_recon(x):
+    """MSE(act(decoder(h)), block input): a reconstruction of the block's input."""
+    loss = x.heads["decoder"].loss(x.h, x.inputs)
+    return {"loss": loss, "recon_loss": loss}

@@ -25,15 +25,16 @@ def spatial_std(x):
     return ops.where(positive, ops.sqrt(safe_variance), ops.zeros_like(variance))
 
 
-def similarity_matrix(x):
+def similarity_matrix(x, use_std=True):
     """Adjusted cosine similarity of the examples of a batch, shape (B, B).
 
     Feature maps with more than 3 channels and spatial size above 1 are reduced to
-    the per-channel spatial std first; everything else is flattened. Rows are
-    centred, divided by (1e-8 + their L2 norm), and S = X Xᵀ is clipped to [-1, 1].
+    the per-channel spatial std first (unless ``use_std`` is False: the reference's
+    ``--no-similarity-std``); everything else is flattened. Rows are centred, divided
+    by (1e-8 + their L2 norm), and S = X Xᵀ is clipped to [-1, 1].
     """
     x = ops.cast(x, "float32")
-    if len(x.shape) == 4 and x.shape[-1] > 3 and x.shape[1] > 1:
+    if use_std and len(x.shape) == 4 and x.shape[-1] > 3 and x.shape[1] > 1:
         z = spatial_std(x)
     else:
         z = ops.reshape(x, (ops.shape(x)[0], -1))
@@ -43,13 +44,13 @@ def similarity_matrix(x):
     return ops.clip(ops.matmul(z, ops.transpose(z)), -1.0, 1.0)
 
 
-def sim_loss(features, targets):
+def sim_loss(features, targets, use_std=True):
     """Mean squared error between S(features) and S(targets), over all B*B entries.
 
     The target similarity carries no gradient.
     """
-    target_similarity = ops.stop_gradient(similarity_matrix(targets))
-    return ops.mean(ops.square(similarity_matrix(features) - target_similarity))
+    target_similarity = ops.stop_gradient(similarity_matrix(targets, use_std))
+    return ops.mean(ops.square(similarity_matrix(features, use_std) - target_similarity))
 
 
 def pred_loss(logits, labels_onehot):

@@ -4,19 +4,25 @@ import bisect
 
 import keras
 
+from keras_local.optimizers import TorchAdam, TorchSGD
+
 
 def make_optimizer(config):
-    """Adam / AMSGrad / SGD(+momentum) with PyTorch's epsilon (1e-8).
-
-    Weight decay is the reference's coupled L2 (added to the gradient by the train
-    step), not Keras's decoupled ``weight_decay``, so it is not set here.
+    """The reference's optimiser: PyTorch's Adam / AMSGrad / SGD(+momentum) with its
+    coupled L2 weight decay (``keras_local.optimizers``); "keras_adam" is Keras's own
+    Adam (epsilon before bias correction), which has no coupled weight decay.
     """
     if config.optim in ("adam", "amsgrad"):
-        return keras.optimizers.Adam(learning_rate=config.lr, epsilon=1e-8,
-                                     amsgrad=config.optim == "amsgrad")
+        return TorchAdam(learning_rate=config.lr, epsilon=1e-8,
+                         amsgrad=config.optim == "amsgrad",
+                         coupled_weight_decay=config.weight_decay)
     if config.optim == "sgd":
-        return keras.optimizers.SGD(learning_rate=config.lr, momentum=config.momentum)
-    raise ValueError(f"unknown optim {config.optim!r}; choose one of adam, amsgrad, sgd")
+        return TorchSGD(learning_rate=config.lr, momentum=config.momentum,
+                        coupled_weight_decay=config.weight_decay)
+    if config.optim == "keras_adam":  # Config refuses weight_decay with it
+        return keras.optimizers.Adam(learning_rate=config.lr, epsilon=1e-8)
+    raise ValueError(f"unknown optim {config.optim!r}; "
+                     f"choose one of adam, amsgrad, sgd, keras_adam")
 
 
 def milestone_learning_rate(config, epoch):

@@ -35,6 +35,14 @@ def class_limited_order(labels, classes_per_batch, batch_size, rng):
     return np.asarray(order, dtype=np.int64)
 
 
+def classes_limited_in_epoch(config, epoch):
+    """Whether 0-based ``epoch`` uses the class-limited order: with ``classes_per_batch``,
+    every epoch, or with ``classes_per_batch_until_epoch`` N only epochs 0 .. N-1 (the
+    reference's 1-based epochs 1 .. N); later epochs are shuffled as usual."""
+    until = config.classes_per_batch_until_epoch
+    return bool(config.classes_per_batch) and (until == 0 or epoch < until)
+
+
 # ------------------------------------------------------------------ pipeline
 def normalise(images, info):
     """uint8 [0, 255] -> (x / 255 - mean) / std, float32."""
@@ -62,9 +70,9 @@ class EpochClock:
 
 
 def epoch_order(labels, config, epoch):
-    """The example order of ``epoch``: a function of (config.seed, epoch) only."""
+    """The example order of 0-based ``epoch``: a function of (config.seed, epoch) only."""
     rng = np.random.default_rng([config.seed, epoch])
-    if config.classes_per_batch:
+    if classes_limited_in_epoch(config, epoch):
         return class_limited_order(labels, config.classes_per_batch, config.batch_size, rng)
     return rng.permutation(len(labels))
 

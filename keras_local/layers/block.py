@@ -3,8 +3,10 @@
 import keras
 from keras import ops
 
+from keras_local.layers.batch_norm import TorchBatchNormalization
 from keras_local.layers.feedback import LabelProjection
-from keras_local.layers.heads import PredHead, SimHead, torch_kernel_initializer
+from keras_local.layers.heads import PredHead, ReconstructionHead, SimHead, torch_bias_initializer
+from keras_local.layers.heads import torch_kernel_initializer
 from keras_local.local_losses import LocalLossInputs, get_local_loss
 from keras_local.losses import error_percent
 
@@ -13,7 +15,8 @@ BLOCK_KINDS = ("dense", "conv")
 # Every random part of a block draws from its own seed: block_seed + offset. Keras's
 # seeded initialisers replay the same stream for the same integer, so two parts (or two
 # blocks, see keras_local.models.common.SEED_STRIDE) sharing a seed would start as scaled copies of each other.
-SEED_OFFSETS = {"encoder": 0, "dropout": 1, "sim_head": 2, "projection": 3, "feedback": 4}
+SEED_OFFSETS = {"encoder": 0, "dropout": 1, "sim_head": 2, "projection": 3, "feedback": 4,
+                "encoder_bias": 5, "pred_bias": 6, "decoder": 7, "decoder_bias": 8}
 
 
 def part_seed(block_seed, part):
@@ -34,6 +37,12 @@ class LocalBlock(keras.layers.Layer):
             a plain layer without heads (backprop baseline).
         bio: back-prop-free heads (feedback alignment, no sim conv, random label
             projection of ``target_proj_size``).
+        unsup_loss: None, or an unsupervised term of ``LOCAL_LOSSES`` ("unsup_sim",
+            "unsup_recon"); the block then trains on alpha * unsup + (1 - alpha) * sup.
+        first_layer: the network's first block, which has no "unsup_recon" term (as in
+            the reference; its supervised loss is still weighted 1 - alpha).
+        similarity_std: reduce feature maps to their spatial std in S(.) (the
+            reference's --no-similarity-std turns it off).
 
     ``call(x, training, labels=onehot)`` adds the local loss with ``add_loss`` and
     updates the block's metrics: ``<name>_pred_loss``, ``<name>_sim_loss`` and
@@ -43,7 +52,8 @@ class LocalBlock(keras.layers.Layer):
     def __init__(self, kind, width, num_classes, kernel_size=3, strides=1,
                  batch_norm=True, nonlin="relu", dropout=0.0, local_loss="predsim",
                  beta=0.99, dim_in_decoder=4096, bio=False, target_proj_size=128,
-                 seed=None, use_bias=True, **kwargs):
+                 seed=None, use_bias=True, unsup_loss=None, alpha=0.0, first_layer=False,
+                 similarity_std=True, **kwargs):
         super().__init__(**kwargs)
         if kind not in BLOCK_KINDS:
             raise ValueError(f"unknown block kind {kind!r}; choose one of {', '.join(BLOCK_KINDS)}")
@@ -63,6 +73,13 @@ class LocalBlock(keras.layers.Layer):
         self.seed = seed
         self.use_bias = use_bias  # encoder bias (ResNets' convs have none)
         self.local_loss_spec = get_local_loss(local_loss) if local_loss else None
+        self.unsup_loss_name = unsup_loss
+        self.alpha = alpha
+        self.first_layer = first_layer
+        self.similarity_std = similarity_std
+        self.unsup_loss_spec = None
+        if unsup_loss and local_loss and not (first_layer and unsup_loss == "unsup_recon"):
+            self.unsup_loss_spec = get_local_loss(unsup_loss)
 
         policy = self.dtype_policy
         if kind == "conv":
@@ -81,8 +98,9 @@ class LocalBlock(keras.layers.Layer):
                 width, kernel_initializer=torch_kernel_initializer(part_seed(seed, "encoder")),
                 dtype=policy, use_bias=use_bias,
                 name=f"{self.name}_encoder")
-        # PyTorch BatchNorm defaults: running-average momentum 0.1, eps 1e-5.
-        self.bn = (keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype=policy,
+        # PyTorch BatchNorm defaults: running-average momentum 0.1, eps 1e-5, unbiased
+        # moving variance.
+        self.bn = (TorchBatchNormalization(momentum=0.9, epsilon=1e-5, dtype=policy,
                                                    name=f"{self.name}_bn") if batch_norm else None)
         if nonlin == "leakyrelu":
             self.activation = keras.layers.LeakyReLU(negative_slope=0.01, dtype=policy, name=f"{self.name}_act")
@@ -98,19 +116,29 @@ class LocalBlock(keras.layers.Layer):
         self.projection = None
         self.local_metrics = {}
         if self.local_loss_spec is not None:
+            specs = [self.local_loss_spec] + ([self.unsup_loss_spec] if self.unsup_loss_spec
+                                               else [])
+            needed = {head for spec in specs for head in spec.heads}
             if bio:
                 self.projection = LabelProjection(
                     num_classes, target_proj_size, seed=part_seed(seed, "projection"),
                     name=f"{self.name}_label_projection")
-            if "pred" in self.local_loss_spec.heads:
+            if "pred" in needed:
                 self.heads["pred"] = PredHead(num_classes, dim_in_decoder, self.projection,
-                                              seed=part_seed(seed, "feedback"), dtype=policy,
+                                              seed=part_seed(seed, "feedback"),
+                                              bias_seed=part_seed(seed, "pred_bias"), dtype=policy,
                                               name=f"{self.name}_pred_head")
-            if "sim" in self.local_loss_spec.heads:
+            if "sim" in needed:
                 self.heads["sim"] = SimHead(dim_in_decoder, self.projection,
                                             seed=part_seed(seed, "sim_head"),
+                                            similarity_std=similarity_std,
                                             dtype=policy, name=f"{self.name}_sim_head")
-            for term in self.local_loss_spec.metrics:
+            if "decoder" in needed:
+                self.heads["decoder"] = ReconstructionHead(
+                    kernel_size, strides, nonlin, seed=part_seed(seed, "decoder"),
+                    bias_seed=part_seed(seed, "decoder_bias"), dtype=policy,
+                    name=f"{self.name}_recon_head")
+            for term in [term for spec in specs for term in spec.metrics]:
                 self.local_metrics[term] = keras.metrics.Mean(name=f"{self.name}_{term}")
             if "pred" in self.local_loss_spec.heads:
                 self.local_metrics["error"] = keras.metrics.Mean(name=f"{self.name}_error")
@@ -126,6 +154,9 @@ class LocalBlock(keras.layers.Layer):
 
     def build(self, input_shape):
         shape = tuple(input_shape)
+        receptive_field = self.kernel_size**2 if self.kind == "conv" else 1
+        self.encoder.bias_initializer = torch_bias_initializer(
+            shape[-1] * receptive_field, part_seed(self.seed, "encoder_bias"))
         for layer in self.inference_layers():
             layer.build(shape)
             shape = tuple(layer.compute_output_shape(shape))
@@ -133,8 +164,11 @@ class LocalBlock(keras.layers.Layer):
             self.dropout.build(shape)
         if self.projection is not None:
             self.projection.build((None, self.num_classes))
-        for head in self.heads.values():
-            head.build(shape)
+        for name, head in self.heads.items():
+            if name == "decoder":
+                head.build(shape, tuple(input_shape))
+            else:
+                head.build(shape)
 
     def compute_output_shape(self, input_shape):
         shape = tuple(input_shape)
@@ -163,17 +197,26 @@ class LocalBlock(keras.layers.Layer):
     def local_loss(self, inputs, h, labels_onehot):
         """This block's local loss on h (``inputs``: the block's input); updates the
         block's metrics (every declared term, and the local-head error)."""
-        terms = self.local_loss_spec.compute(LocalLossInputs(
-            heads=self.heads, inputs=inputs, h=h, labels_onehot=labels_onehot, beta=self.beta,
-            block=self))
+        loss_inputs = LocalLossInputs(heads=self.heads, inputs=inputs, h=h,
+                                      labels_onehot=labels_onehot, beta=self.beta, block=self)
+        terms = self.local_loss_spec.compute(loss_inputs)
+        loss = terms["loss"]
+        if self.unsup_loss_spec is not None:
+            unsup = self.unsup_loss_spec.compute(loss_inputs)
+            terms.update({term: unsup[term] for term in self.unsup_loss_spec.metrics})
+            loss = self.alpha * unsup["loss"] + (1.0 - self.alpha) * loss
+        elif self.alpha:
+            loss = (1.0 - self.alpha) * loss
         batch = ops.cast(ops.shape(h)[0], "float32")
-        for term in self.local_loss_spec.metrics:
+        for term in self.local_metrics:
+            if term == "error":
+                continue
             self.local_metrics[term].update_state(terms[term], sample_weight=batch)
         if "error" in self.local_metrics and "scores" in terms:
             labels = ops.argmax(labels_onehot, axis=-1)
             self.local_metrics["error"].update_state(
                 error_percent(terms["scores"], labels), sample_weight=batch)
-        return terms["loss"]
+        return loss
 
     def get_config(self):
         return {
@@ -185,4 +228,6 @@ class LocalBlock(keras.layers.Layer):
             "dim_in_decoder": self.dim_in_decoder, "bio": self.bio,
             "target_proj_size": self.target_proj_size, "seed": self.seed,
             "use_bias": self.use_bias,
+            "unsup_loss": self.unsup_loss_name, "alpha": self.alpha,
+            "first_layer": self.first_layer, "similarity_std": self.similarity_std,
         }

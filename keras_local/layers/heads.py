@@ -17,6 +17,13 @@ def torch_kernel_initializer(seed=None):
     )
 
 
+def torch_bias_initializer(fan_in, seed=None):
+    """PyTorch's default Linear/Conv bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)):
+    unlike a kernel's, its bound depends on a fan-in the bias's own shape does not show."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return keras.initializers.RandomUniform(-bound, bound, seed=seed)
+
+
 def decoder_pool_geometry(channels, size, dim_in_decoder):
     """Average-pool kernel and padding of the pred head (REFERENCE.md section 1).
 
@@ -88,18 +95,21 @@ class DecoderPooling(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="keras_local")
 class PredHead(keras.layers.Layer):
-    """Pool (feature maps only) -> flatten -> Dense(num_classes), kernel initialised to 0.
+    """Pool (feature maps only) -> flatten -> Dense(num_classes), kernel initialised to 0,
+    bias to PyTorch's default (seeded by ``bias_seed``).
 
     With ``projection`` (bio): a feedback-alignment Dense to ``target_proj_size``
     logits, trained by sigmoid BCE against (onehot(y) P > 0).
     """
 
-    def __init__(self, num_classes, dim_in_decoder, projection=None, seed=None, **kwargs):
+    def __init__(self, num_classes, dim_in_decoder, projection=None, seed=None, bias_seed=None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.dim_in_decoder = dim_in_decoder
         self.seed = seed
         self.projection = _deserialize_projection(projection)
+        self.bias_seed = bias_seed
         self.pool = DecoderPooling(dim_in_decoder, dtype=self.dtype_policy, name="pool")
         if self.projection is None:
             self.dense = keras.layers.Dense(
@@ -113,7 +123,10 @@ class PredHead(keras.layers.Layer):
     def build(self, input_shape):
         self.pool.build(input_shape)
         pooled = self.pool.compute_output_shape(input_shape)
-        self.dense.build((pooled[0], math.prod(pooled[1:])))
+        fan_in = math.prod(pooled[1:])
+        if self.projection is None:  # the reference zeroes the weight only (LinearFA: both)
+            self.dense.bias_initializer = torch_bias_initializer(fan_in, self.bias_seed)
+        self.dense.build((pooled[0], fan_in))
 
     def call(self, h):
         pooled = self.pool(h)
@@ -133,7 +146,7 @@ class PredHead(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes,
                 "dim_in_decoder": self.dim_in_decoder, "seed": self.seed,
-                "projection": _serialize_projection(self.projection)}
+                "bias_seed": self.bias_seed, "projection": _serialize_projection(self.projection)}
 
 
 @keras.saving.register_keras_serializable(package="keras_local")
@@ -144,11 +157,13 @@ class SimHead(keras.layers.Layer):
     conv: S is taken of the average-pooled h, and the target is S(onehot(y) P).
     """
 
-    def __init__(self, dim_in_decoder, projection=None, seed=None, **kwargs):
+    def __init__(self, dim_in_decoder, projection=None, seed=None, similarity_std=True,
+                 **kwargs):
         super().__init__(**kwargs)
         self.projection = _deserialize_projection(projection)
         self.dim_in_decoder = dim_in_decoder
         self.seed = seed
+        self.similarity_std = similarity_std
         self.transform = None
 
     def build(self, input_shape):
@@ -173,11 +188,67 @@ class SimHead(keras.layers.Layer):
 
     def loss(self, h, labels_onehot):
         targets = labels_onehot if self.projection is None else self.projection(labels_onehot)
-        return sim_loss(self(h), targets)
+        return sim_loss(self(h), targets, self.similarity_std)
+
+    def input_similarity_loss(self, h, inputs):
+        """The unsupervised sim term: MSE(S(head(h)), S(inputs)), inputs without gradient."""
+        return sim_loss(self(h), ops.stop_gradient(inputs), self.similarity_std)
 
     def get_config(self):
         return {**super().get_config(), "dim_in_decoder": self.dim_in_decoder, "seed": self.seed,
-                "projection": _serialize_projection(self.projection)}
+                "projection": _serialize_projection(self.projection),
+                "similarity_std": self.similarity_std}
+
+
+@keras.saving.register_keras_serializable(package="keras_local")
+class ReconstructionHead(keras.layers.Layer):
+    """The reference's ``decoder_x``: h -> Dense(input width) (dense blocks) or
+    Conv2DTranspose(input channels, same kernel, stride 1, 'same') (conv blocks), with
+    bias, then the block's nonlinearity. Loss: MSE(reconstruction, block input), the
+    input without gradient. PyTorch's default init (ConvTranspose2d's fan-in is
+    input channels x kernel area, which Keras's VarianceScaling computes alike).
+    """
+
+    def __init__(self, kernel_size=3, strides=1, nonlin="relu", seed=None, bias_seed=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if strides != 1:
+            raise ValueError(f"the recon term needs stride-1 encoders, got strides={strides}")
+        self.kernel_size = kernel_size
+        self.nonlin = nonlin
+        self.seed = seed
+        self.bias_seed = bias_seed
+        self.decoder = None
+
+    def build(self, input_shape, target_shape):
+        """``input_shape``: h's shape; ``target_shape``: the block input's shape."""
+        channels = target_shape[-1]
+        common = dict(kernel_initializer=torch_kernel_initializer(self.seed),
+                      dtype=self.dtype_policy, name="decoder")
+        if len(input_shape) == 4:
+            self.decoder = keras.layers.Conv2DTranspose(
+                channels, self.kernel_size, padding="same",
+                bias_initializer=torch_bias_initializer(channels * self.kernel_size**2,
+                                                        self.bias_seed), **common)
+        else:
+            self.decoder = keras.layers.Dense(
+                channels, bias_initializer=torch_bias_initializer(input_shape[-1],
+                                                                  self.bias_seed), **common)
+        self.decoder.build(input_shape)
+
+    def call(self, h):
+        reconstruction = self.decoder(h)
+        if self.nonlin == "leakyrelu":
+            return ops.leaky_relu(reconstruction, negative_slope=0.01)
+        return ops.relu(reconstruction)
+
+    def loss(self, h, inputs):
+        reconstruction = ops.cast(self(h), "float32")
+        return ops.mean(ops.square(reconstruction - ops.stop_gradient(ops.cast(inputs, "float32"))))
+
+    def get_config(self):
+        return {**super().get_config(), "kernel_size": self.kernel_size, "nonlin": self.nonlin,
+                "seed": self.seed, "bias_seed": self.bias_seed}
 
 
 def _serialize_projection(projection):

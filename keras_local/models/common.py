@@ -20,6 +20,9 @@ def block_kwargs(config, num_classes):
         dim_in_decoder=config.dim_in_decoder,
         bio=config.bio,
         target_proj_size=config.target_proj_size,
+        unsup_loss=None if config.loss_unsup == "none" else f"unsup_{config.loss_unsup}",
+        alpha=config.alpha,
+        similarity_std=config.similarity_std,
         dtype=config.precision,
     )
 
@@ -30,6 +33,7 @@ def dense_blocks(config, num_classes, first_index):
 
     return [
         LocalBlock("dense", config.num_hidden, seed=block_seed(config, first_index + i),
-                   name=f"block_{first_index + i}", **block_kwargs(config, num_classes))
+                   name=f"block_{first_index + i}", first_layer=first_index + i == 1,
+                   **block_kwargs(config, num_classes))
         for i in range(config.num_layers)
     ]

@@ -6,9 +6,10 @@ import keras
 from keras import ops
 
 from keras_local.models.registry import build_feature_layers
-from keras_local.layers.block import LocalBlock
+from keras_local.layers.block import LocalBlock, part_seed
 from keras_local.config import Config
-from keras_local.layers.heads import torch_kernel_initializer
+from keras_local.layers.heads import torch_bias_initializer, torch_kernel_initializer
+from keras_local.models.common import block_seed
 from keras_local.optim import make_optimizer
 from keras_local.steps import step_functions
 from keras_local.losses import error_percent, pred_loss
@@ -82,6 +83,10 @@ class LocalModel(keras.Model):
                     layer.build(shape)
             shape = tuple(layer.compute_output_shape(shape))
         if not self.output_layer.built:
+            # PyTorch's default bias (the reference zeroes only the weight in local modes),
+            # seeded like a block's encoder bias from the unused block index 0.
+            self.output_layer.bias_initializer = torch_bias_initializer(
+                shape[-1], part_seed(block_seed(self.config, 0), "encoder_bias"))
             with _on_device(output_device):
                 self.output_layer.build(shape)
         self.built = True

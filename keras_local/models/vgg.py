@@ -45,7 +45,7 @@ def vgg_layers(name, input_shape, num_classes, config):
         layers.append(LocalBlock(
             "conv", int(item * config.feat_mult),
             kernel_size=7 if large_stem else 3, strides=2 if large_stem else 1,
-            seed=block_seed(config, index), name=f"block_{index}",
+            seed=block_seed(config, index), name=f"block_{index}", first_layer=index == 1,
             **block_kwargs(config, num_classes)))
     layers.append(keras.layers.Flatten(dtype=config.precision, name="flatten"))
     return layers + dense_blocks(config, num_classes, first_index=index + 1)

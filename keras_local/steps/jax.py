@@ -75,12 +75,11 @@ class JaxExecutor(rule.SequentialSchedule):
     def stop_gradient(self, outputs, after):
         return rule.stop_gradient_structure(outputs, ops.stop_gradient)
 
-    def apply(self, grads, variables, weight_decay):
+    def apply(self, grads, variables):
         by_id = {id(v): g for v, g in zip(variables, grads)}
         trainable_variables = self.model.trainable_variables
         grads = [by_id.get(id(v), ops.zeros_like(value))
                  for v, value in zip(trainable_variables, self.trainable)]
-        grads = rule.with_weight_decay(grads, self.trainable, weight_decay)
         self.trainable, self.optimizer_variables = self.model.optimizer.stateless_apply(
             self.optimizer_variables, grads, self.trainable)
         self.values.update(trainable_variables, self.trainable)

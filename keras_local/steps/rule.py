@@ -92,13 +92,6 @@ def segment_loss(model, segment, inputs, labels_onehot, device_scope):
     return loss, h
 
 
-def with_weight_decay(grads, values, weight_decay):
-    """The reference's coupled L2 weight decay: g + weight_decay * w."""
-    if not weight_decay:
-        return list(grads)
-    return [g + weight_decay * ops.cast(v, g.dtype) for g, v in zip(grads, values)]
-
-
 def split_batch(model, data):
     """(inputs, one-hot labels) of a Keras data batch ``(x, y, ...)``."""
     inputs, labels = data[0], data[1]
@@ -126,7 +119,7 @@ def train(model, executor, inputs, labels_onehot):
         previous = executor.stop_gradient(out, after=grads)
         outputs.append((previous, labels, valid))
     executor.segment_outputs(outputs)
-    executor.apply(all_grads, all_variables, model.config.weight_decay)
+    executor.apply(all_grads, all_variables)
     logits, labels, valid = outputs[-1]
     executor.run(lambda: model.update_output_metrics(logits, labels), when=valid)
     return executor.run(model.metric_results)

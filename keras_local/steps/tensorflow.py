@@ -37,10 +37,9 @@ class TensorFlowExecutor(rule.SequentialSchedule):
         with tf.control_dependencies(after):
             return rule.stop_gradient_structure(outputs, lambda t: tf.stop_gradient(tf.identity(t)))
 
-    def apply(self, grads, variables, weight_decay):
+    def apply(self, grads, variables):
         def update(grads):
-            self.model.optimizer.apply(rule.with_weight_decay(grads, variables, weight_decay),
-                                       variables)
+            self.model.optimizer.apply(grads, variables)
             return tf.constant(0)
 
         if self.model.xla_update:

@@ -29,10 +29,9 @@ class TorchExecutor(rule.SequentialSchedule):
     def stop_gradient(self, outputs, after):
         return rule.stop_gradient_structure(outputs, lambda t: t.detach())
 
-    def apply(self, grads, variables, weight_decay):
+    def apply(self, grads, variables):
         with torch.no_grad():
-            self.model.optimizer.apply(rule.with_weight_decay(grads, variables, weight_decay),
-                                       variables)
+            self.model.optimizer.apply(grads, variables)
 
     def run(self, function, when=None):
         return function()

@@ -1,0 +1,111 @@
+"""The paper's recipes by name (keras_local.recipes) and train.py's --recipe/--list-recipes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from keras_local.recipes import RECIPES, apply_recipe, find_recipe, get_recipe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def train_module():
+    sys.path.insert(0, ROOT)
+    try:
+        import train
+    finally:
+        sys.path.remove(ROOT)
+    return train
+
+
+# REFERENCE.md section 5, row by row: (recipe, epochs, first milestone, lr, dropout,
+# dim_in_decoder or None for the default 4096, feat_mult).
+SECTION_5 = [
+    ("mnist-mlp-predsim", 100, 50, 5e-4, 0.1, None, 1.0),
+    ("mnist-vgg8b-predsim", 100, 50, 5e-4, 0.2, 1024, 1.0),
+    ("fashion_mnist-mlp-predsim", 200, 100, 5e-4, 0.025, None, 1.0),
+    ("fashion_mnist-vgg8b-predsim", 200, 100, 5e-4, 0.1, 1024, 1.0),
+    ("kmnist-vgg8b-predsim", 100, 50, 5e-4, 0.3, 1024, 1.0),
+    ("cifar10-vgg8b-predsim", 400, 200, 5e-4, 0.2, 2048, 1.0),
+    ("cifar10-vgg11b-predsim", 400, 200, 5e-4, 0.2, 2048, 1.0),
+    ("cifar10-vgg11b-3x-predsim", 400, 200, 3e-4, 0.3, None, 3.0),
+]
+
+
+@pytest.mark.parametrize("name,epochs,milestone,lr,dropout,dim,feat_mult", SECTION_5)
+def test_reference_section_5_rows(name, epochs, milestone, lr, dropout, dim, feat_mult):
+    options = get_recipe(name).options
+    assert (options["epochs"], options["lr_decay_milestones"][0], options["lr"],
+            options["dropout"], options.get("dim_in_decoder"), options.get("feat_mult", 1.0),
+            options["nonlin"], options["loss_sup"]) == (
+        epochs, milestone, lr, dropout, dim, feat_mult, "leakyrelu", "predsim")
+
+
+def test_every_published_number_is_a_recipe():
+    assert len(RECIPES) == 19 * 4 + 6
+    assert get_recipe("cifar10-vgg11b-predsim").published_error == 5.30
+    assert get_recipe("stl10-vgg8b-cutout-predsim").published_error == 19.25
+    assert get_recipe("cifar10-mlp-backprop").options["num_hidden"] == 3000
+    assert get_recipe("cifar100-vgg11b-sim").options["classes_per_batch_until_epoch"] == 200
+    assert "classes_per_batch" not in get_recipe("cifar100-vgg11b-pred").options
+    assert get_recipe("kmnist-vgg8b-cutout-predsim").options["dropout"] == 0.15
+
+
+def test_explicit_options_override_a_recipe():
+    values, note = apply_recipe(dict(dataset="cifar10", model="vgg8b", dropout=0.5, lr=1.0),
+                                explicit={"dropout"}, name="fashion_mnist-mlp-predsim")
+    assert values["dropout"] == 0.5 and values["lr"] == 5e-4 and values["model"] == "mlp"
+    assert values["recipe"] == "fashion_mnist-mlp-predsim" and "8.54%" in note
+
+
+def test_the_matching_recipe_applies_unless_none():
+    run = dict(dataset="cifar10", model="vgg11b", feat_mult=1.0, cutout=False,
+               loss_sup="predsim", backprop=False, dropout=0.0)
+    values, note = apply_recipe(run, explicit={"dataset", "model"})
+    assert values["recipe"] == "cifar10-vgg11b-predsim" and values["dropout"] == 0.2
+    assert note.startswith("using the paper's recipe cifar10-vgg11b-predsim") and "5.30%" in note
+    assert apply_recipe(run, explicit=set(), name="none") == (run, None)
+    assert find_recipe(dict(run, backprop=True)).name == "cifar10-vgg11b-backprop"
+    assert find_recipe(dict(run, feat_mult=2.0)).name == "cifar10-vgg11b-2x-predsim"
+    assert find_recipe(dict(run, bio=True)) is None
+    assert find_recipe(dict(run, dataset="fashion_mnist_demo")) is None
+
+
+def test_unknown_recipe_is_one_line_exit_2(capsys):
+    assert train_module().main(["--recipe", "cifar10-vgg99-predsim"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert err.startswith("train.py: error: unknown recipe 'cifar10-vgg99-predsim'; "
+                          "choose one of none, mnist-mlp-backprop")
+
+
+def test_list_recipes_cli():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--list-recipes"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1 + len(RECIPES)
+    row = next(line for line in lines if line.startswith("cifar10-vgg11b-3x-predsim "))
+    assert row.split()[1] == "3.97" and "--feat-mult 3 " in row and "--lr 0.0003" in row
+
+
+def test_fashion_mnist_mlp_recipe_trains_one_epoch(tmp_path):
+    if not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
+        pytest.skip(f"{FASHION_MNIST_DIR} absent (apt-get install dataset-fashion-mnist)")
+    code = train_module().main([
+        "--recipe", "fashion_mnist-mlp-predsim", "--epochs", "1", "--num-hidden", "64",
+        "--max-train-examples", "512", "--data-dir", FASHION_MNIST_DIR,
+        "--save-dir", str(tmp_path), "--no-export", "--quiet"])
+    assert code == 0
+    (run_dir,) = tmp_path.iterdir()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["recipe"], config["num_layers"], config["num_hidden"], config["dropout"],
+            config["nonlin"], config["epochs"]) == (
+        "fashion_mnist-mlp-predsim", 3, 64, 0.025, "leakyrelu", 1)
+    # 4 steps of a predsim output layer (its loss weighted 1 - beta): only check it ran.
+    assert 0.0 <= json.loads((run_dir / "results.json").read_text())["test_error"] <= 100.0
