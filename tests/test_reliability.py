@@ -240,7 +240,7 @@ def test_keras_file_asking_for_a_huge_model_is_refused_before_building(tmp_path,
                                                                        capsys):
     import zipfile
 
-    import export.__main__ as export_cli
+    import keras_local.cli.export as export_cli
 
     config = kl.Config(dataset="fashion_mnist", model="mlp", num_layers=3,
                                 num_hidden=16384).to_dict()
@@ -256,6 +256,7 @@ def test_keras_file_asking_for_a_huge_model_is_refused_before_building(tmp_path,
         raise AssertionError("the model was built")
 
     monkeypatch.setattr(export_cli.keras.models, "load_model", never)
+    monkeypatch.setattr(export_cli.keras.saving, "load_model", never)
     assert export_cli.main([str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "549,928,970 parameters" in err and "limit" in err, err

@@ -204,8 +204,7 @@ def test_config_rejects_bad_values(bad, message):
 
 
 def test_cli_flags_become_config_fields():
-    sys.path.insert(0, REPO)
-    import train
+    from keras_local.cli import train
 
     args = train.parse_args(["--alpha", "0.5", "--loss-unsup", "recon", "--no-similarity-std",
                              "--classes-per-batch", "20", "--classes-per-batch-until-epoch",
