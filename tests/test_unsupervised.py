@@ -1,10 +1,6 @@
 """The reference script's --alpha / --loss-unsup sim|recon, --no-similarity-std and
 --classes-per-batch-until-epoch, each checked against what its definition implies."""
 
-import os
-import sys
-
-import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -14,7 +10,6 @@ from keras_local.data.pipeline import NumpyBatches, epoch_order, make_datasets
 from keras_local.data.catalogue import get_dataset_info
 from keras_local.layers.block import LocalBlock
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def numpy_similarity(x, use_std=True):
