@@ -107,7 +107,16 @@ def split_batch(model, data):
 
 
 def train(model, executor, inputs, labels_onehot):
-    """One update of ``model`` through ``executor``; returns the step's logs."""
+    """One update of ``model`` through ``executor``; returns the step's logs.
+
+    With ``executor.per_segment_apply`` each segment's gradients are applied as soon as
+    they exist (``executor.apply(..., step=start)``, every apply seeing the optimiser step
+    of this training step), so they and the segment's activations can be freed before the
+    next segment runs; otherwise all gradients are applied once at the end. Both give the
+    same weights (segments own disjoint variables; tests/test_rule.py).
+    """
+    per_segment = getattr(executor, "per_segment_apply", False)
+    start = executor.begin_updates() if per_segment else None
     all_grads, all_variables = [], []
     previous = inputs
     outputs = []
@@ -121,12 +130,17 @@ def train(model, executor, inputs, labels_onehot):
 
         variables = segment.trainable_variables
         out, grads = executor.gradients(loss_fn, segment, variables, x, valid)
-        all_grads.extend(grads)
-        all_variables.extend(variables)
-        previous = executor.stop_gradient(out, after=grads)
+        if per_segment:
+            done = executor.apply(grads, variables, model.config.weight_decay, step=start)
+            previous = executor.stop_gradient(out, after=done)
+        else:
+            all_grads.extend(grads)
+            all_variables.extend(variables)
+            previous = executor.stop_gradient(out, after=grads)
         outputs.append((previous, labels, valid))
     executor.segment_outputs(outputs)
-    executor.apply(all_grads, all_variables, model.config.weight_decay)
+    if not per_segment:
+        executor.apply(all_grads, all_variables, model.config.weight_decay)
     logits, labels, valid = outputs[-1]
     executor.run(lambda: model.update_output_metrics(logits, labels), when=valid)
     return executor.run(model.metric_results)

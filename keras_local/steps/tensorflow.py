@@ -10,6 +10,7 @@ blocks ``LocalModel.compile`` therefore XLA-compiles only the optimiser update
 (``model.xla_update``).
 """
 
+import keras
 import tensorflow as tf
 
 from keras_local.distribute import device_scope
@@ -22,9 +23,16 @@ class TensorFlowExecutor(rule.SequentialSchedule):
 
     device_scope = staticmethod(device_scope)
 
-    def __init__(self, model):
+    def __init__(self, model, per_segment_apply=None):
         self.model = model
         self.replica_scale = 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
+        if per_segment_apply is None:
+            per_segment_apply = per_call_safe(model.optimizer)
+        self.per_segment_apply = per_segment_apply
+
+    def begin_updates(self):
+        """The optimiser's step counter before this training step's first apply."""
+        return tf.identity(self.model.optimizer.iterations)
 
     def gradients(self, loss_fn, segment, variables, inputs, valid=None):
         with device_scope(segment.device), tf.GradientTape() as tape:
@@ -37,21 +45,35 @@ class TensorFlowExecutor(rule.SequentialSchedule):
         with tf.control_dependencies(after):
             return rule.stop_gradient_structure(outputs, lambda t: tf.stop_gradient(tf.identity(t)))
 
-    def apply(self, grads, variables, weight_decay):
+    def apply(self, grads, variables, weight_decay, step=None):
+        """Apply ``grads``; returns a tensor available once the update is done. ``step``
+        (per-segment applies): the counter is set back to it first, so that every
+        segment's apply sees the same step t+1 and the counter ends at t+1."""
+        optimizer = self.model.optimizer
+
         def update(grads):
-            self.model.optimizer.apply(rule.with_weight_decay(grads, variables, weight_decay),
-                                       variables)
+            if step is not None:
+                optimizer.iterations.assign(step)
+            optimizer.apply(rule.with_weight_decay(grads, variables, weight_decay), variables)
             return tf.constant(0)
 
-        if self.model.xla_update:
-            # Only the update is compiled: a dozen element-wise ops per variable that XLA
-            # fuses into one pass over the weights; the blocks stay on oneDNN kernels.
-            tf.function(update, jit_compile=True)(grads)
-        else:
-            update(grads)
+        # Only the update is compiled: a dozen element-wise ops per variable that XLA
+        # fuses into one pass over the weights; the blocks stay on oneDNN kernels. As a
+        # function call, its output exists only once every assignment in it has run.
+        return [tf.function(update, jit_compile=bool(self.model.xla_update))(grads)]
 
     def run(self, function, when=None):
         return function()
+
+
+def per_call_safe(optimizer):
+    """True when ``optimizer.apply`` on disjoint subsets of the variables, with the step
+    counter set back before each, gives the update of one apply on all of them: not with
+    a global gradient norm clip, moving averages of all weights (EMA) or a loss-scale
+    wrapper (one finiteness check and scale update per step)."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return False
+    return not (getattr(optimizer, "global_clipnorm", None) or getattr(optimizer, "use_ema", False))
 
 
 def _zeros_for_none(grads, variables):
