@@ -149,13 +149,17 @@ class LocalBlock(keras.layers.Layer):
         h = self.encoder(h)
         if self.bn is not None:
             h = self.bn(h, training=training)
+        if training and self.nonlin == "leakyrelu" and keras.backend.backend() == "tensorflow":
+            return leaky_relu_with_output_gradient(h, self.activation.negative_slope)
         return self.activation(h)
 
-    def call(self, inputs, training=None, labels=None):
+    def call(self, inputs, training=None, labels=None, dropout=True):
+        """``dropout=False``: return h without the block's dropout (the update rule then
+        applies ``self.dropout`` itself after the block's gradients)."""
         h = self.features(inputs, training=training)
         if labels is not None and self.has_heads:
             self.add_loss(self.local_loss(inputs, h, labels))
-        if self.dropout is not None:
+        if dropout and self.dropout is not None:
             h = self.dropout(h, training=training)
         return h
 
@@ -184,3 +188,25 @@ class LocalBlock(keras.layers.Layer):
             "dim_in_decoder": self.dim_in_decoder, "bio": self.bio,
             "target_proj_size": self.target_proj_size, "seed": self.seed,
         }
+
+
+def leaky_relu_with_output_gradient(x, slope):
+    """LeakyReLU whose gradient reads its output, not its input (TensorFlow).
+
+    TensorFlow's LeakyReluGrad reads the op's input (here the BatchNorm output), so
+    training kept that map alive next to h; for a positive slope the output has the
+    input's sign, so the same kernel given the output computes the same gradient and
+    the BatchNorm output is freed once h exists (one feature map less per block).
+    """
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def leaky_relu(x):
+        y = tf.nn.leaky_relu(x, alpha=slope)
+
+        def gradient(dy):
+            return tf.raw_ops.LeakyReluGrad(gradients=dy, features=y, alpha=slope)
+
+        return y, gradient
+
+    return leaky_relu(x)

@@ -84,12 +84,27 @@ def segment_loss(model, segment, inputs, labels_onehot, device_scope):
                 h = layer(h, training=True)
                 losses.append(pred_loss(h, labels_onehot) * model.config.output_loss_scale)
             elif isinstance(layer, LocalBlock) and layer.has_heads:
-                h = layer(h, training=True, labels=labels_onehot)
+                h = layer(h, training=True, labels=labels_onehot,
+                          dropout=layer is not segment.layers[-1])
                 losses.extend(layer.losses)
             else:
                 h = layer(h, training=True)
     loss = losses[0] if len(losses) == 1 else ops.sum(ops.stack(losses))
     return loss, h
+
+
+def deferred_dropout(segment):
+    """The dropout of the block that ends a local segment (None if there is none).
+
+    ``segment_loss`` leaves it out and ``train`` applies it to the segment's output after
+    the segment's gradients: it has no weights and no gradient crosses the boundary, so
+    the update is the same, but the dropped-out copy of the block's output no longer
+    exists while the segment's backward pass runs.
+    """
+    last = segment.layers[-1]
+    if isinstance(last, LocalBlock) and last.has_heads:
+        return last.dropout
+    return None
 
 
 def with_weight_decay(grads, values, weight_decay):
@@ -137,6 +152,10 @@ def train(model, executor, inputs, labels_onehot):
             all_grads.extend(grads)
             all_variables.extend(variables)
             previous = executor.stop_gradient(out, after=grads)
+        dropout = deferred_dropout(segment)
+        if dropout is not None:
+            with executor.device_scope(segment.device):
+                previous = executor.run(lambda x=previous: dropout(x, training=True))
         outputs.append((previous, labels, valid))
     executor.segment_outputs(outputs)
     if not per_segment:

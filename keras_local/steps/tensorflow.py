@@ -32,7 +32,10 @@ class TensorFlowExecutor(rule.SequentialSchedule):
 
     def begin_updates(self):
         """The optimiser's step counter before this training step's first apply."""
-        return tf.identity(self.model.optimizer.iterations)
+        optimizer = self.model.optimizer
+        if not optimizer.built:  # a per-segment apply would build it on one segment only
+            optimizer.build(self.model.trainable_variables)
+        return tf.identity(optimizer.iterations)
 
     def gradients(self, loss_fn, segment, variables, inputs, valid=None):
         with device_scope(segment.device), tf.GradientTape() as tape:
