@@ -27,7 +27,10 @@ class TensorFlowExecutor(rule.SequentialSchedule):
         self.model = model
         self.replica_scale = 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
         if per_segment_apply is None:
-            per_segment_apply = per_call_safe(model.optimizer)
+            # Under a strategy the counter cannot be set back inside the step's nested
+            # update function (merge_call in a tf.function): one apply at the end there.
+            per_segment_apply = (per_call_safe(model.optimizer)
+                                 and not tf.distribute.has_strategy())
         self.per_segment_apply = per_segment_apply
 
     def begin_updates(self):
@@ -63,6 +66,8 @@ class TensorFlowExecutor(rule.SequentialSchedule):
         # Only the update is compiled: a dozen element-wise ops per variable that XLA
         # fuses into one pass over the weights; the blocks stay on oneDNN kernels. As a
         # function call, its output exists only once every assignment in it has run.
+        if step is None and not self.model.xla_update:
+            return [update(grads)]
         return [tf.function(update, jit_compile=bool(self.model.xla_update))(grads)]
 
     def run(self, function, when=None):
