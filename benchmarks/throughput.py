@@ -6,6 +6,7 @@
     python benchmarks/throughput.py --models mlp --precision mixed_bfloat16
     python benchmarks/throughput.py --backend jax         # another Keras backend
     python benchmarks/throughput.py --quick               # seconds (tests)
+    python benchmarks/throughput.py --reference W --models mlp vgg8b   # side by side
 
 Models (batch 128): mlp 3x1024 and vgg8b on 28x28x1 (10 classes), vgg11b on 32x32x3,
 with the paper's recipe options (leakyrelu, dropout, dim_in_decoder). The input pipeline
@@ -32,7 +33,15 @@ matrices, output layer, forward and backward), the predsim/backprop step-time ra
 next to their arithmetic ratio, and the fraction of this machine's float32 matmul peak
 (a ``tf.matmul`` loop, measured here) that each step reaches.
 
-Writes a JSON file (``--json``, default docs/throughput.json; --quick: the temp dir).
+Side by side (``--reference W`` or ``KERAS_LOCAL_REFBENCH=W``; W is a folder set up as
+in ../shared/refbench/README.md: the authors' unmodified ``train.py``, ``bench.py``, the
+torchvision stand-in and a ``venv`` with torch): for every model and mode, rounds alternate
+one run of the authors' script (its compute-only images/s, ``bench.py``) with
+``--windows`` timed windows of keras-local's default configuration on the same recipe;
+the table gives both medians over the rounds, the ratio, the CPU and the load average.
+
+Writes a JSON file (``--json``, default docs/throughput.json, side by side
+docs/side_by_side.json; --quick: the temp dir).
 """
 
 import argparse
@@ -102,6 +111,11 @@ def parse_args(argv):
                    help="default docs/throughput.json (--quick: the temp directory)")
     p.add_argument("--quick", action="store_true",
                    help="seconds: mlp 3x128 only, 2 windows of 2 steps, small matmul")
+    p.add_argument("--reference", default=os.environ.get("KERAS_LOCAL_REFBENCH") or None,
+                   help="side by side with the authors' script set up in this folder "
+                        "(default: $KERAS_LOCAL_REFBENCH); see the module docstring")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="side by side: alternating rounds (reference run, keras-local windows)")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.num_hidden = ["mlp"], 128
@@ -109,8 +123,101 @@ def parse_args(argv):
         args.matmul_size = 256
     if args.json is None:
         args.json = (os.path.join(tempfile.gettempdir(), "keras_local_throughput_quick.json")
-                     if args.quick else "docs/throughput.json")
+                     if args.quick else
+                     "docs/side_by_side.json" if args.reference else "docs/throughput.json")
     return args
+
+
+# ------------------------------------------------------------- side by side
+# The authors' flags for each model's recipe (MODELS), and bench.py's (batches, warm-up).
+REFERENCE_ARGS = {
+    "mlp": (["--model", "mlp", "--dataset", "FashionMNIST", "--num-layers", "3",
+             "--num-hidden", "1024", "--nonlin", "leakyrelu", "--dropout", "0.025"], 200, 10),
+    "vgg8b": (["--model", "vgg8b", "--dataset", "FashionMNIST", "--nonlin", "leakyrelu",
+               "--dropout", "0.1", "--dim-in-decoder", "1024"], 8, 2),
+    "vgg11b": (["--model", "vgg11b", "--dataset", "CIFAR10", "--nonlin", "leakyrelu",
+                "--dropout", "0.2", "--dim-in-decoder", "2048"], 6, 2),
+}
+
+
+def run_reference(name, mode, args):
+    """One run of the authors' script through ``bench.py``; its BENCH_JSON dict."""
+    import subprocess
+
+    folder = os.path.abspath(args.reference)
+    python = os.path.join(folder, "venv", "bin", "python")
+    if not os.path.exists(python):
+        python = sys.executable
+    flags, batches, warmup = REFERENCE_ARGS[name]
+    if args.num_hidden is not None and name == "mlp":
+        flags = flags[:flags.index("--num-hidden") + 1] + [str(args.num_hidden)] + \
+            flags[flags.index("--num-hidden") + 2:]
+    command = [python, "-u", "bench.py", str(batches), str(warmup), *flags,
+               "--batch-size", str(args.batch_size), "--no-cuda", "--save-dir", ""]
+    if mode == "backprop":
+        command.append("--backprop")
+    done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            return json.loads(line[len("BENCH_JSON "):])
+    raise RuntimeError(f"reference {name} {mode} failed (exit {done.returncode}): "
+                       f"{' '.join(command)}\n{done.stderr[-2000:]}")
+
+
+def side_by_side(name, mode, args):
+    """Alternating rounds: the reference once, then keras-local's default for
+    ``args.windows`` windows; medians over the rounds and their ratio."""
+    model = build(name, mode, "auto", args)
+    _, input_shape, _ = MODELS[name]
+    dataset = cached_batches(input_shape, args.batch_size)
+    _timed_fit(model, dataset, max(1, args.warmup_steps))
+    steps = max(1, math.ceil(args.window_seconds / _timed_fit(model, dataset, 1)))
+    reference, ours, loads = [], [], []
+    for _ in range(args.rounds):
+        loads.append(os.getloadavg()[0])
+        reference.append(run_reference(name, mode, args)["img_per_s_compute_only"])
+        windows = [args.batch_size * steps / _timed_fit(model, dataset, steps)
+                   for _ in range(args.windows)]
+        ours.append(statistics.median(windows))
+        print(f"  {name} {mode}: reference {reference[-1]:.1f}, keras-local {ours[-1]:.1f} "
+              f"images/s (load {loads[-1]:.2f})", file=sys.stderr, flush=True)
+    return {"model": name, "mode": mode, "input_shape": list(input_shape),
+            "xla_resolved": _resolved(model), "batch_size": args.batch_size,
+            "reference_images_per_s": reference, "keras_local_images_per_s": ours,
+            "reference_median": statistics.median(reference),
+            "keras_local_median": statistics.median(ours),
+            "ratio": statistics.median(ours) / statistics.median(reference),
+            "load_average_1min": loads}
+
+
+def main_side_by_side(args):
+    load_before = os.getloadavg()
+    results = [side_by_side(name, mode, args) for name in args.models for mode in args.modes]
+    load_after = os.getloadavg()
+    machine = hardware()
+    print(f"{'model':<8}{'input':<10}{'mode':<10}{'xla':<8}{'reference img/s':>17}"
+          f"{'keras-local img/s':>19}{'ratio':>8}")
+    for r in results:
+        shape = "x".join(str(d) for d in r["input_shape"])
+        print(f"{r['model']:<8}{shape:<10}{r['mode']:<10}{r['xla_resolved']:<8}"
+              f"{r['reference_median']:>17.1f}{r['keras_local_median']:>19.1f}"
+              f"{r['ratio']:>7.2f}x")
+    print(f"medians of {args.rounds} alternating rounds (reference: bench.py compute-only; "
+          f"keras-local: median of {args.windows} windows per round), batch {args.batch_size}")
+    print(f"CPU: {machine['cpu']} ({machine['cpu_cores']} cores); GPU: "
+          f"{', '.join(machine['gpus']) or 'none'}")
+    print("load average (1, 5, 15 min) before / after: "
+          + " / ".join(" ".join(f"{v:.2f}" for v in x) for x in (load_before, load_after)))
+    payload = {"hardware": machine, "load_average_before": load_before,
+               "load_average_after": load_after, "reference_folder": args.reference,
+               "command": " ".join(["python", "benchmarks/throughput.py"] + sys.argv[1:]),
+               "rounds": args.rounds, "windows": args.windows, "results": results}
+    if os.path.dirname(args.json):
+        os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as stream:
+        json.dump(payload, stream, indent=2)
+    print(f"wrote {args.json}")
+    return 0
 
 
 # ------------------------------------------------------------------ arithmetic
@@ -476,6 +583,11 @@ def main(argv=None):
     from keras_local.quiet import quiet_start
 
     quiet_start()  # imports TensorFlow without its C++ start-up noise
+    if args.reference:
+        if not os.path.exists(os.path.join(args.reference, "bench.py")):
+            sys.exit(f"throughput.py: error: --reference {args.reference}: no bench.py there; "
+                     "set it up as ../shared/refbench/README.md says")
+        return main_side_by_side(args)
 
     load_before = os.getloadavg()
     peak_timing = dict(repeats=1, seconds=0.2) if args.quick else {}

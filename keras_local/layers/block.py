@@ -49,6 +49,10 @@ class LocalBlock(keras.layers.Layer):
     ``<name>_error`` (local-head error in %). Without labels it is a plain layer.
     """
 
+    # The update rule may run this block's dropout after its gradients (call(dropout=False)
+    # then ``block.dropout`` on the output); blocks with structured outputs opt out.
+    defers_dropout = True
+
     def __init__(self, kind, width, num_classes, kernel_size=3, strides=1,
                  batch_norm=True, nonlin="relu", dropout=0.0, local_loss="predsim",
                  beta=0.99, dim_in_decoder=4096, bio=False, target_proj_size=128,
@@ -184,13 +188,17 @@ class LocalBlock(keras.layers.Layer):
         h = self.encoder(h)
         if self.bn is not None:
             h = self.bn(h, training=training)
+        if training and self.nonlin == "leakyrelu" and keras.backend.backend() == "tensorflow":
+            return leaky_relu_with_output_gradient(h, self.activation.negative_slope)
         return self.activation(h)
 
-    def call(self, inputs, training=None, labels=None):
+    def call(self, inputs, training=None, labels=None, dropout=True):
+        """``dropout=False``: return h without the block's dropout (the update rule then
+        applies ``self.dropout`` itself after the block's gradients)."""
         h = self.features(inputs, training=training)
         if labels is not None and self.has_heads:
             self.add_loss(self.local_loss(inputs, h, labels))
-        if self.dropout is not None:
+        if dropout and self.dropout is not None:
             h = self.dropout(h, training=training)
         return h
 
@@ -231,3 +239,25 @@ class LocalBlock(keras.layers.Layer):
             "unsup_loss": self.unsup_loss_name, "alpha": self.alpha,
             "first_layer": self.first_layer, "similarity_std": self.similarity_std,
         }
+
+
+def leaky_relu_with_output_gradient(x, slope):
+    """LeakyReLU whose gradient reads its output, not its input (TensorFlow).
+
+    TensorFlow's LeakyReluGrad reads the op's input (here the BatchNorm output), so
+    training kept that map alive next to h; for a positive slope the output has the
+    input's sign, so the same kernel given the output computes the same gradient and
+    the BatchNorm output is freed once h exists (one feature map less per block).
+    """
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def leaky_relu(x):
+        y = tf.nn.leaky_relu(x, alpha=slope)
+
+        def gradient(dy):
+            return tf.raw_ops.LeakyReluGrad(gradients=dy, features=y, alpha=slope)
+
+        return y, gradient
+
+    return leaky_relu(x)

@@ -45,6 +45,8 @@ class ResidualConv(LocalBlock):
             the two convs of a non-adapted wide ResNet block).
     """
 
+    defers_dropout = False  # (h, shortcut input) outputs: dropout stays inside call
+
     def __init__(self, width, num_classes, role="plain", order="post", shortcut="identity",
                  shortcut_strides=1, shortcut_bias=False, output_dropout=0.0, **kwargs):
         if role not in ROLES:

@@ -116,7 +116,7 @@ class PipelineExecutor(TensorFlowExecutor):
     output of stage k-1; a stage whose input is not valid is skipped inside ``tf.cond``."""
 
     def __init__(self, model):
-        super().__init__(model)
+        super().__init__(model, per_segment_apply=False)
         self.buffers = model.pipeline_buffers
         # Every boundary is read before any stage writes one (automatic control
         # dependencies keep this program order for each buffer variable).

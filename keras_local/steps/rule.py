@@ -84,12 +84,28 @@ def segment_loss(model, segment, inputs, labels_onehot, device_scope):
                 h = layer(h, training=True)
                 losses.append(pred_loss(h, labels_onehot) * model.config.output_loss_scale)
             elif isinstance(layer, LocalBlock) and layer.has_heads:
-                h = layer(h, training=True, labels=labels_onehot)
+                defer = layer is segment.layers[-1] and layer.defers_dropout
+                h = layer(h, training=True, labels=labels_onehot,
+                          **({"dropout": False} if defer else {}))
                 losses.extend(layer.losses)
             else:
                 h = layer(h, training=True)
     loss = losses[0] if len(losses) == 1 else ops.sum(ops.stack(losses))
     return loss, h
+
+
+def deferred_dropout(segment):
+    """The dropout of the block that ends a local segment (None if there is none).
+
+    ``segment_loss`` leaves it out and ``train`` applies it to the segment's output after
+    the segment's gradients: it has no weights and no gradient crosses the boundary, so
+    the update is the same, but the dropped-out copy of the block's output no longer
+    exists while the segment's backward pass runs.
+    """
+    last = segment.layers[-1]
+    if isinstance(last, LocalBlock) and last.has_heads and last.defers_dropout:
+        return last.dropout
+    return None
 
 
 def split_batch(model, data):
@@ -100,7 +116,16 @@ def split_batch(model, data):
 
 
 def train(model, executor, inputs, labels_onehot):
-    """One update of ``model`` through ``executor``; returns the step's logs."""
+    """One update of ``model`` through ``executor``; returns the step's logs.
+
+    With ``executor.per_segment_apply`` each segment's gradients are applied as soon as
+    they exist (``executor.apply(..., step=start)``, every apply seeing the optimiser step
+    of this training step), so they and the segment's activations can be freed before the
+    next segment runs; otherwise all gradients are applied once at the end. Both give the
+    same weights (segments own disjoint variables; tests/test_rule.py).
+    """
+    per_segment = getattr(executor, "per_segment_apply", False)
+    start = executor.begin_updates() if per_segment else None
     all_grads, all_variables = [], []
     previous = inputs
     outputs = []
@@ -114,12 +139,21 @@ def train(model, executor, inputs, labels_onehot):
 
         variables = segment.trainable_variables
         out, grads = executor.gradients(loss_fn, segment, variables, x, valid)
-        all_grads.extend(grads)
-        all_variables.extend(variables)
-        previous = executor.stop_gradient(out, after=grads)
+        if per_segment:
+            done = executor.apply(grads, variables, step=start)
+            previous = executor.stop_gradient(out, after=done)
+        else:
+            all_grads.extend(grads)
+            all_variables.extend(variables)
+            previous = executor.stop_gradient(out, after=grads)
+        dropout = deferred_dropout(segment)
+        if dropout is not None:
+            with executor.device_scope(segment.device):
+                previous = executor.run(lambda x=previous: dropout(x, training=True))
         outputs.append((previous, labels, valid))
     executor.segment_outputs(outputs)
-    executor.apply(all_grads, all_variables)
+    if not per_segment:
+        executor.apply(all_grads, all_variables)
     logits, labels, valid = outputs[-1]
     executor.run(lambda: model.update_output_metrics(logits, labels), when=valid)
     return executor.run(model.metric_results)

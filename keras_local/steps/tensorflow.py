@@ -10,6 +10,7 @@ blocks ``LocalModel.compile`` therefore XLA-compiles only the optimiser update
 (``model.xla_update``).
 """
 
+import keras
 import tensorflow as tf
 
 from keras_local.distribute import device_scope
@@ -22,9 +23,22 @@ class TensorFlowExecutor(rule.SequentialSchedule):
 
     device_scope = staticmethod(device_scope)
 
-    def __init__(self, model):
+    def __init__(self, model, per_segment_apply=None):
         self.model = model
         self.replica_scale = 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
+        if per_segment_apply is None:
+            # Under a strategy the counter cannot be set back inside the step's nested
+            # update function (merge_call in a tf.function): one apply at the end there.
+            per_segment_apply = (per_call_safe(model.optimizer)
+                                 and not tf.distribute.has_strategy())
+        self.per_segment_apply = per_segment_apply
+
+    def begin_updates(self):
+        """The optimiser's step counter before this training step's first apply."""
+        optimizer = self.model.optimizer
+        if not optimizer.built:  # a per-segment apply would build it on one segment only
+            optimizer.build(self.model.trainable_variables)
+        return tf.identity(optimizer.iterations)
 
     def gradients(self, loss_fn, segment, variables, inputs, valid=None):
         with device_scope(segment.device), tf.GradientTape() as tape:
@@ -37,20 +51,37 @@ class TensorFlowExecutor(rule.SequentialSchedule):
         with tf.control_dependencies(after):
             return rule.stop_gradient_structure(outputs, lambda t: tf.stop_gradient(tf.identity(t)))
 
-    def apply(self, grads, variables):
+    def apply(self, grads, variables, step=None):
+        """Apply ``grads``; returns a tensor available once the update is done. ``step``
+        (per-segment applies): the counter is set back to it first, so that every
+        segment's apply sees the same step t+1 and the counter ends at t+1."""
+        optimizer = self.model.optimizer
+
         def update(grads):
-            self.model.optimizer.apply(grads, variables)
+            if step is not None:
+                optimizer.iterations.assign(step)
+            optimizer.apply(grads, variables)
             return tf.constant(0)
 
-        if self.model.xla_update:
-            # Only the update is compiled: a dozen element-wise ops per variable that XLA
-            # fuses into one pass over the weights; the blocks stay on oneDNN kernels.
-            tf.function(update, jit_compile=True)(grads)
-        else:
-            update(grads)
+        # Only the update is compiled: a dozen element-wise ops per variable that XLA
+        # fuses into one pass over the weights; the blocks stay on oneDNN kernels. As a
+        # function call, its output exists only once every assignment in it has run.
+        if step is None and not self.model.xla_update:
+            return [update(grads)]
+        return [tf.function(update, jit_compile=bool(self.model.xla_update))(grads)]
 
     def run(self, function, when=None):
         return function()
+
+
+def per_call_safe(optimizer):
+    """True when ``optimizer.apply`` on disjoint subsets of the variables, with the step
+    counter set back before each, gives the update of one apply on all of them: not with
+    a global gradient norm clip, moving averages of all weights (EMA) or a loss-scale
+    wrapper (one finiteness check and scale update per step)."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return False
+    return not (getattr(optimizer, "global_clipnorm", None) or getattr(optimizer, "use_ema", False))
 
 
 def _zeros_for_none(grads, variables):
