@@ -185,11 +185,12 @@ def build_model(name, input_shape, num_classes, config=None):
 
 def _preprocessing(config, input_shape, num_classes):
     """The dataset's name, normalisation and class names (for image folders: those of the
-    folder), or None when ``config.dataset`` is unknown or does not match the model's inputs."""
+    folder), or None when ``config.dataset`` is unknown or its channels or classes differ
+    from the model's (the normalisation is per channel, so any image size will do)."""
     if config.dataset not in list_datasets():
         return None
     info = dataset_info(config)
-    if tuple(info.input_shape) != tuple(input_shape) or info.num_classes != num_classes:
+    if info.input_shape[-1] != input_shape[-1] or info.num_classes != num_classes:
         return None
     return {"dataset": info.name, "mean": list(info.mean), "std": list(info.std),
             "class_names": list(info.class_names)}

@@ -84,6 +84,7 @@ def test_registered_loss_computes_its_terms():
 
     block = kl.LocalBlock("dense", 4, 3, local_loss="pred_l2", name="probe")
     block.build((None, 5))
+    block.heads["pred"].dense.bias.assign(np.zeros(3, "float32"))  # PyTorch init is random
     h = np.full((2, 4), 2.0, "float32")
     labels = np.eye(3, dtype="float32")[[0, 1]]
     terms = get_local_loss("pred_l2").compute(LocalLossInputs(

@@ -165,9 +165,10 @@ def explicit_options(argv):
     """The options (destination names) given on the command line, whatever their values."""
     parser = make_parser()
     unset = object()
-    # argparse fills in a default only where the namespace lacks the attribute.
-    given = parser.parse_args(argv, argparse.Namespace(
-        **dict.fromkeys(vars(parser.parse_args(argv)), unset)))
+    # argparse fills in a default only where the namespace lacks the attribute. --plugin
+    # appends to its value, so it keeps its list (recipes never set plugins).
+    dests = [dest for dest in vars(parser.parse_args(argv)) if dest != "plugin"]
+    given = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(dests, unset)))
     return {dest for dest, value in vars(given).items() if value is not unset}
 
 
