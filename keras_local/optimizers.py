@@ -53,9 +53,7 @@ class TorchAdam(keras.optimizers.Optimizer):
     def update_step(self, gradient, variable, learning_rate):
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
-        gradient = ops.cast(gradient, dtype)
-        if self.coupled_weight_decay:
-            gradient = gradient + ops.cast(self.coupled_weight_decay, dtype) * variable
+        gradient = _coupled_decay(gradient, variable, self.coupled_weight_decay)
         step = ops.cast(self.iterations + 1, dtype)
         correction_1 = 1 - ops.power(ops.cast(self.beta_1, dtype), step)
         correction_2 = 1 - ops.power(ops.cast(self.beta_2, dtype), step)
@@ -105,9 +103,7 @@ class TorchSGD(keras.optimizers.Optimizer):
     def update_step(self, gradient, variable, learning_rate):
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
-        gradient = ops.cast(gradient, dtype)
-        if self.coupled_weight_decay:
-            gradient = gradient + ops.cast(self.coupled_weight_decay, dtype) * variable
+        gradient = _coupled_decay(gradient, variable, self.coupled_weight_decay)
         if self.momentum:
             buffer = self._buffers[self._get_variable_index(variable)]
             # Zero-initialised, so the first step leaves buf = g as torch's clone does.
@@ -118,3 +114,11 @@ class TorchSGD(keras.optimizers.Optimizer):
     def get_config(self):
         return {**super().get_config(), "momentum": self.momentum,
                 "coupled_weight_decay": self.coupled_weight_decay}
+
+
+def _coupled_decay(gradient, variable, weight_decay):
+    """PyTorch's L2 weight decay, added to the gradient: g + weight_decay * w."""
+    gradient = ops.cast(gradient, variable.dtype)
+    if weight_decay:
+        gradient = gradient + ops.cast(weight_decay, variable.dtype) * variable
+    return gradient
