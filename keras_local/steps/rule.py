@@ -4,7 +4,8 @@ A training step is a walk over *segments*: consecutive layers trained by one los
 input arrives with its gradient stopped (``plan``):
 
 - local modes (pred / sim / predsim): one segment per block that carries heads, holding
-  that block and the parameter-free layers (pooling, flatten) that feed it; its loss is the
+  that block and the layers that feed it since the previous such block (parameter-free
+  layers; with ``--modules K`` also the head-less blocks of its module); its loss is the
   block's local loss. A last segment holds the layers after the last block and the output
   Dense; its loss is the output cross-entropy times ``config.output_loss_scale``
   (1 - beta in predsim). No gradient crosses a segment boundary.
@@ -12,7 +13,7 @@ input arrives with its gradient stopped (``plan``):
 - no_detach: one segment, the whole network, trained by the output cross-entropy plus
   every block's local loss.
 
-Every loss is divided by the executor's ``replica_scale`` denominator (Keras sums
+Every loss is multiplied by the executor's ``replica_scale`` (1 / replicas: Keras sums
 gradients over tf.distribute replicas). An *executor* (``keras_local.steps.tensorflow``,
 ``.jax``, ``.torch``, ``.pipeline``) supplies only the backend's mechanics: the gradient
 of a segment's loss with respect to the segment's variables, a gradient stop, running a
