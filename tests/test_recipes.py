@@ -94,6 +94,7 @@ def test_list_recipes_cli():
     assert row.split()[1] == "3.97" and "--feat-mult 3 " in row and "--lr 0.0003" in row
 
 
+@pytest.mark.slow  # a train.py run on the full Fashion-MNIST files; CI runs it
 def test_fashion_mnist_mlp_recipe_trains_one_epoch(tmp_path):
     if not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
         pytest.skip(f"{FASHION_MNIST_DIR} absent (apt-get install dataset-fashion-mnist)")

@@ -47,6 +47,7 @@ def history_epochs(run_dir):
 
 
 # ------------------------------------------------------------------ resume (breaks 4, 7)
+@pytest.mark.slow  # three train.py runs: 1-3 minutes; CI runs it (pytest -m slow)
 def test_sigkill_mid_epoch_2_then_resume_gives_the_uninterrupted_weights(tmp_path, capsys):
     """Exact resume; then the fallbacks of resume on the finished run (see below)."""
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
