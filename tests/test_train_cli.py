@@ -142,8 +142,8 @@ def make_truncated(folder, source):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
-    (["--model", "resnet18"], "invalid choice: 'resnet18'"),
+    (["--dataset", "imagenet21k"], "invalid choice: 'imagenet21k'"),
+    (["--model", "resnet9"], "invalid choice: 'resnet9'"),
     (["--optim", "rmsprop"], "invalid choice: 'rmsprop'"),
     (["--dataset", "fashion_mnist", "--data-dir", "EMPTY"], "holds neither the fashion_mnist"),
     (["--dataset", "fashion_mnist", "--data-dir", "CORRUPT"], "cannot read"),
