@@ -3,7 +3,6 @@
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from PIL import Image
 import keras_local as kl
 from keras_local.data.catalogue import dataset_info
 from keras_local.data.folders import describe_folder, load_folder, make_folder_datasets
+from keras_local.cli.train import main as train_main  # what train.py runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("apple", "grass", "sky")
@@ -33,13 +33,6 @@ def make_folder(root, per_class=(8, 3), size=(20, 24), classes=CLASSES, splits=(
     return str(root)
 
 
-def train_main(argv):
-    sys.path.insert(0, ROOT)
-    try:
-        from train import main
-    finally:
-        sys.path.remove(ROOT)
-    return main(argv)
 
 
 def test_folder_scan_fills_the_config(tmp_path):

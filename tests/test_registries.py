@@ -12,6 +12,7 @@ from keras import ops
 
 import keras_local as kl
 from keras_local.local_losses import LocalLossInputs, get_local_loss
+from keras_local.cli.train import main as train_main  # what train.py runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -29,13 +30,6 @@ def pred_plus_activation_l2(x: LocalLossInputs):
             "activation_l2": activation_l2, "scores": scores}
 
 
-def train_main(argv):
-    sys.path.insert(0, ROOT)
-    try:
-        from train import main
-    finally:
-        sys.path.remove(ROOT)
-    return main(argv)
 
 
 def test_help_lists_the_registries_without_starting_a_backend():

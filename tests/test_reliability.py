@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import keras_local as kl
+from keras_local.cli.train import main as train_main  # what train.py runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT}
@@ -132,13 +133,6 @@ def test_run_directories_are_created_atomically(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------- one-line errors (breaks 5 and 6)
-def train_main(argv):
-    sys.path.insert(0, ROOT)
-    try:
-        from train import main
-    finally:
-        sys.path.remove(ROOT)
-    return main(argv)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -14,19 +14,12 @@ import keras
 
 import keras_local as kl
 from keras_local.callbacks import AtomicCheckpoint, NaNGuard, NonFiniteLossError
+from keras_local.cli.train import main as train_main  # what train.py runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
-def train_main(argv):
-    """train.py's main() in this process (fast: TensorFlow is already imported)."""
-    sys.path.insert(0, ROOT)
-    try:
-        from train import main
-    finally:
-        sys.path.remove(ROOT)
-    return main(argv)
 
 
 def train_cli(*args, timeout=300):
