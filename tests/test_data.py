@@ -107,10 +107,41 @@ def test_pipeline_normalises_augments_and_is_deterministic():
 def test_cutout_square_is_clipped_at_borders():
     import tensorflow as tf
 
-    image = tf.ones((8, 8, 1))
-    holes = [int((data.cutout(image, 4, tf.constant([s, 0], tf.int64)).numpy() == 0).sum())
-             for s in range(20)]
-    assert max(holes) == 16 and min(holes) >= 4
+    holes = (data.cutout(tf.ones((40, 8, 8, 1)), 4, tf.constant([3, 0], tf.int64)).numpy() == 0)
+    per_image = holes.reshape(40, -1).sum(axis=1)
+    assert per_image.max() == 16 and per_image.min() >= 4
+    for hole in holes[..., 0]:  # one axis-aligned rectangle per image
+        rows, cols = np.flatnonzero(hole.any(axis=1)), np.flatnonzero(hole.any(axis=0))
+        assert hole.sum() == len(rows) * len(cols)
+        assert np.all(np.diff(rows) == 1) and np.all(np.diff(cols) == 1)
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist_demo", "cifar10"])
+def test_batch_augmentation_crops_and_flips_each_image_on_its_own(dataset):
+    """Every image of the batch is a window of its zero-padded self (mirrored where the
+    dataset flips), with offsets drawn per image, not one for the whole batch."""
+    import tensorflow as tf
+
+    config = kl.Config(dataset=dataset)
+    info = data.dataset_info(config)
+    height, width, channels = info.input_shape
+    rng = np.random.default_rng(0)
+    images = rng.uniform(1, 2, size=(32, height, width, channels)).astype("float32")
+    out = data.augment_batch(tf.constant(images), tf.constant([1, 7], tf.int64), info,
+                             config).numpy()
+    pad = info.crop_padding
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    found = []
+    for i in range(len(images)):
+        windows = [(dy, dx, flip) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                   for flip in ((False, True) if info.horizontal_flip else (False,))
+                   if np.array_equal(out[i], (lambda w: w[:, ::-1] if flip else w)(
+                       padded[i, dy:dy + height, dx:dx + width]))]
+        assert windows, f"image {i} is no crop of its padded input"
+        found.append(windows[0])
+    assert len(set(found)) > 4  # drawn per image
+    again = data.augment_batch(tf.constant(images), tf.constant([1, 7], tf.int64), info, config)
+    np.testing.assert_array_equal(out, again.numpy())  # a function of the seed
 
 
 def test_numpy_pipeline_matches_tf_data_normalisation_and_augments():

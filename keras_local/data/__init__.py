@@ -9,6 +9,7 @@ from keras_local._lazy import lazy_exports
 _EXPORTS = {
     "DATASETS": "keras_local.data.catalogue",
     "DatasetInfo": "keras_local.data.catalogue",
+    "dataset_info": "keras_local.data.catalogue",
     "get_dataset_info": "keras_local.data.catalogue",
     "list_datasets": "keras_local.data.catalogue",
     "register_dataset": "keras_local.data.catalogue",
@@ -17,7 +18,7 @@ _EXPORTS = {
     "write_idx": "keras_local.data.idx",
     "DatasetUnavailableError": "keras_local.data.loading",
     "load_arrays": "keras_local.data.loading",
-    "augment_image": "keras_local.data.pipeline",
+    "augment_batch": "keras_local.data.pipeline",
     "class_limited_order": "keras_local.data.pipeline",
     "cutout": "keras_local.data.pipeline",
     "make_datasets": "keras_local.data.pipeline",

@@ -99,30 +99,27 @@ def make_datasets(config, train, test, epoch_clock=None):
         yield epoch, epoch_order(y_train, config, epoch)
 
     images, labels = tf.constant(x_train), tf.constant(y_train)
+    batch_size = config.batch_size
 
-    def epoch_examples(epoch, order):
-        # seed of an example: (config.seed, epoch * 2**32 + position in the epoch)
-        slots = epoch * (1 << 32) + tf.range(tf.size(order, out_type=tf.int64))
-        seeds = tf.stack([tf.fill(tf.shape(slots), tf.constant(config.seed, tf.int64)),
-                          slots], axis=1)
-        # gathered 1024 at a time: one gather per example halved the pipeline's speed
-        return (tf.data.Dataset.from_tensor_slices((order, seeds)).batch(1024)
-                .map(lambda index, seed: (tf.gather(images, index), tf.gather(labels, index),
-                                          seed))
-                .unbatch())
+    def epoch_batches(epoch, order):
+        # Whole batches are gathered and augmented at once (augment_batch): a map per
+        # example cost more CPU than the mlp's training step it fed.
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
+        return batches.map(lambda index, chosen: (tf.gather(images, chosen),
+                                                  tf.gather(labels, chosen),
+                                                  batch_seed(config.seed, epoch, index)))
 
-    examples = tf.data.Dataset.from_generator(epochs, output_signature=(
-        tf.TensorSpec((), tf.int64), tf.TensorSpec((None,), tf.int64))).flat_map(epoch_examples)
+    batches = tf.data.Dataset.from_generator(epochs, output_signature=(
+        tf.TensorSpec((), tf.int64), tf.TensorSpec((None,), tf.int64))).flat_map(epoch_batches)
 
-    def augment(image, label, seed):
-        return augment_image(normalise(image, info), seed, info, config), label
+    def augment(images, labels, seed):
+        return augment_batch(normalise(images, info), seed, info, config), labels
 
-    train_ds = examples.map(augment, num_parallel_calls=autotune, deterministic=True)
+    train_ds = batches.map(augment, num_parallel_calls=autotune, deterministic=True)
     if not config.classes_per_batch:  # a known length: Keras shows step N/N from epoch 1
-        train_ds = train_ds.apply(tf.data.experimental.assert_cardinality(len(y_train)))
-    train_ds = (train_ds
-                .batch(config.batch_size)
-                .prefetch(autotune))
+        train_ds = train_ds.apply(
+            tf.data.experimental.assert_cardinality(-(-len(y_train) // batch_size)))
+    train_ds = train_ds.prefetch(autotune)
     test_ds = (tf.data.Dataset.from_tensor_slices((x_test, y_test))
                .batch(max(config.batch_size, 256))
                .map(lambda x, y: (normalise(x, info), y), num_parallel_calls=autotune)
@@ -130,39 +127,56 @@ def make_datasets(config, train, test, epoch_clock=None):
     return train_ds, test_ds
 
 
-def augment_image(image, seed, info, config):
-    """Random crop after zero padding, horizontal flip, cutout (REFERENCE.md section 3).
+def batch_seed(seed, epoch, index):
+    """The (2,) int64 seed of batch ``index`` of 0-based ``epoch``: (seed, epoch * 2**32 + index)."""
+    import tensorflow as tf
+
+    index = tf.cast(index, tf.int64)
+    return tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64) * (1 << 32) + index])
+
+
+def augment_batch(images, seed, info, config):
+    """Random crop after zero padding, horizontal flip, cutout (REFERENCE.md section 3),
+    drawn independently for every image of a (B, H, W, C) batch.
 
     ``seed`` is a (2,) int64 tensor; every random choice is a stateless function of it.
     """
     import tensorflow as tf
 
-    height, width, channels = info.input_shape
+    height, width = info.input_shape[0], info.input_shape[1]
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=3)
+    batch = tf.shape(images)[0]
     if info.crop_padding:
         pad = info.crop_padding
-        padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
-        image = tf.image.stateless_random_crop(padded, (height, width, channels), seed=seeds[0])
+        padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+        offsets = tf.random.stateless_uniform((batch, 2), seeds[0], minval=0,
+                                              maxval=2 * pad + 1, dtype=tf.int32)
+        rows = offsets[:, :1] + tf.range(height)[None, :]  # (B, H) rows of each crop
+        cols = offsets[:, 1:] + tf.range(width)[None, :]
+        images = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2,
+                           batch_dims=1)
     if info.horizontal_flip:
-        image = tf.image.stateless_random_flip_left_right(image, seed=seeds[1])
+        flip = tf.random.stateless_uniform((batch,), seeds[1]) < 0.5
+        images = tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
     if config.cutout:
-        image = cutout(image, config.length, seeds[2])
-    return image
+        images = cutout(images, config.length, seeds[2])
+    return images
 
 
-def cutout(image, length, seed):
-    """Zero one square of side ``length``, centre uniform over the image, clipped."""
+def cutout(images, length, seed):
+    """Zero one square of side ``length`` in every image of a (B, H, W, C) batch, its
+    centre uniform over the image, clipped at the borders."""
     import tensorflow as tf
 
-    height, width = image.shape[0], image.shape[1]
-    uniform = tf.random.stateless_uniform((2,), seed=seed)
+    height, width = images.shape[1], images.shape[2]
+    uniform = tf.random.stateless_uniform((tf.shape(images)[0], 2), seed=seed)
     centre = tf.cast(uniform * tf.constant([height, width], tf.float32), tf.int32)
-    rows = tf.range(height)[:, None]
-    cols = tf.range(width)[None, :]
-    half = length // 2
-    inside = ((rows >= centre[0] - half) & (rows < centre[0] - half + length)
-              & (cols >= centre[1] - half) & (cols < centre[1] - half + length))
-    return image * tf.cast(~inside, image.dtype)[:, :, None]
+    top = centre[:, 0, None, None] - length // 2  # (B, 1, 1)
+    left = centre[:, 1, None, None] - length // 2
+    rows = tf.range(height)[None, :, None]
+    cols = tf.range(width)[None, None, :]
+    inside = (rows >= top) & (rows < top + length) & (cols >= left) & (cols < left + length)
+    return images * tf.cast(~inside, images.dtype)[..., None]
 
 
 # ------------------------------------------------------- NumPy pipeline (no TensorFlow)
