@@ -1,9 +1,10 @@
 """Keras callbacks of a training run: LR milestones, NaN guard, atomic checkpoints,
-a progress bar that keeps per-block metrics out of the way, and TensorBoard pictures of
+epoch times, a progress bar that keeps per-block metrics out of the way, and TensorBoard pictures of
 the blocks' similarity matrices and the run's HParams."""
 
 import math
 import os
+import time
 
 import keras
 import numpy as np
@@ -78,6 +79,19 @@ def save_model_atomically(model, path, epochs_completed=None):
 
         record_checkpoint_epochs(temporary, epochs_completed)
     os.replace(temporary, path)
+
+
+class EpochTimes(keras.callbacks.Callback):
+    """Adds ``epoch_seconds`` to every epoch's logs (history.csv, TensorBoard): the wall
+    time from the epoch's start to its end, the data pipeline and validation included.
+    Must come before the callbacks that write the logs."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epoch_seconds"] = time.perf_counter() - self.started
 
 
 class RandomStreams(keras.callbacks.Callback):

@@ -30,6 +30,7 @@ from keras_local.callbacks import (
     SimilarityImages,
     class_sorted_sample,
     NaNGuard,
+    EpochTimes,
     RandomStreams,
     milestone_scheduler,
     save_model_atomically,
@@ -290,9 +291,11 @@ def train_prepared(prepared, verbose=1, export=True):
     train_ds, test_ds = pipeline(config.replace(batch_size=config.batch_size * replicas),
                                  train, test, epoch_clock=clock)
     # BackupAndRestore last: when its epoch-end state exists, the checkpoint, CSV row and
-    # TensorBoard scalars of that epoch exist too. RandomStreams first (see its doc).
+    # TensorBoard scalars of that epoch exist too. RandomStreams first (see its doc), then
+    # EpochTimes (its epoch_seconds must reach the loggers).
     callbacks = [
         RandomStreams(clock),
+        EpochTimes(),
         NaNGuard(run_dir),
         milestone_scheduler(config),
         AtomicCheckpoint(os.path.join(run_dir, "checkpoints", "last.keras")),
