@@ -71,12 +71,22 @@ def test_decoder_pool_geometry(channels, size, bound, expected):
     assert decoder_pool_geometry(channels, size, bound) == expected
 
 
-def test_decoder_pooling_counts_padding_like_pytorch():
-    x = np.arange(2 * 7 * 7 * 1, dtype="float32").reshape(2, 7, 7, 1)
-    pool = DecoderPooling(dim_in_decoder=4)  # 1 channel, 7x7 -> kernel (4, 4), pad 2
+@pytest.mark.parametrize("size,channels,bound", [
+    (7, 1, 4),        # kernel 4, pad 2: the windows stop short of the far zero padding
+    (28, 128, 1024),  # vgg8b's first block on 28x28: kernel 8, pad 4 on the near side only
+    (14, 256, 1024),  # kernel 8 x 4, pads 1 and 2
+    (5, 3, 12),       # kernel 2, pad 0: the last row and column are cut
+])
+def test_decoder_pooling_counts_padding_like_pytorch(size, channels, bound):
+    """PyTorch's AvgPool2d(kernel, stride=kernel, padding=pad), zeros counted."""
+    x = np.random.default_rng(0).normal(size=(2, size, size, channels)).astype("float32")
+    pool = DecoderPooling(dim_in_decoder=bound)
     pool.build(x.shape)
-    assert pool.geometry == (4, 4, 2, 2)
+    kernel_h, kernel_w, pad_h, pad_w = pool.geometry
     got = np.asarray(pool(x))
-    padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
-    expected = padded[:, :8, :8, :].reshape(2, 2, 4, 2, 4, 1).mean(axis=(2, 4))
-    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    out_h, out_w = (size + 2 * pad_h - kernel_h) // kernel_h + 1, (size + 2 * pad_w - kernel_w) // kernel_w + 1
+    padded = np.pad(x, ((0, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0)))
+    windows = padded[:, :out_h * kernel_h, :out_w * kernel_w, :].reshape(
+        2, out_h, kernel_h, out_w, kernel_w, channels)
+    np.testing.assert_allclose(got, windows.mean(axis=(2, 4)), rtol=1e-5, atol=1e-6)
+    assert got.shape == pool.compute_output_shape(x.shape)

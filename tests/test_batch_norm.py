@@ -65,3 +65,30 @@ def test_onnx_export_keeps_parity(tmp_path, rng):
         model(rng.normal(size=(16, 28, 28, 1)).astype("float32"), training=True)
     metadata = export_model(model, tmp_path / "export", formats=("onnx",))
     assert metadata["parity_max_abs_diff"]["onnx"] <= 1e-4
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 5, 4), (1, 1, 1, 3)])
+def test_fused_kernel_gives_the_composed_ops_values_and_gradients(rng, shape):
+    """On TensorFlow, NHWC maps take FusedBatchNormV3: same outputs, statistics and
+    gradients (inputs, gamma, beta) as the composed ops of the other backends."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the fused kernel is TensorFlow's")
+    import tensorflow as tf
+
+    x = tf.constant(rng.normal(loc=0.5, scale=2.0, size=shape).astype("float32"))
+    layer = TorchBatchNormalization()
+    layer.build(shape)
+    layer.gamma.assign(rng.uniform(0.5, 1.5, size=shape[-1]))
+    layer.beta.assign(rng.normal(size=shape[-1]))
+    assert layer._fused_available(x)
+    weights = tf.constant(rng.normal(size=shape).astype("float32"))
+    results = []
+    for path in (layer._fused_training, lambda t: layer._unfused_training(t, None)):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            outputs, mean, unbiased = path(x)
+            loss = tf.reduce_sum(outputs * weights)
+        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        results.append([outputs, mean, unbiased] + grads)
+    for fused, composed in zip(*results):
+        np.testing.assert_allclose(np.asarray(fused), np.asarray(composed), rtol=1e-4, atol=1e-5)

@@ -26,6 +26,36 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
         if mask is not None:
             raise ValueError("TorchBatchNormalization does not support masks")
         inputs = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        if self._fused_available(inputs):
+            outputs, mean, unbiased = self._fused_training(inputs)
+        else:
+            outputs, mean, unbiased = self._unfused_training(inputs, mask)
+        momentum = self.momentum
+        self.moving_mean.assign(
+            ops.cast(self.moving_mean, inputs.dtype) * momentum + mean * (1.0 - momentum))
+        self.moving_variance.assign(
+            ops.cast(self.moving_variance, inputs.dtype) * momentum
+            + unbiased * (1.0 - momentum))
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _fused_available(self, inputs):
+        """TensorFlow's fused kernel: NHWC feature maps normalised over the channels."""
+        return (keras.backend.backend() == "tensorflow" and len(inputs.shape) == 4
+                and self.axis in (-1, 3) and self.center and self.scale)
+
+    def _fused_training(self, inputs):
+        """(outputs, batch mean, unbiased batch variance) from FusedBatchNormV3: one pass
+        forward and one backward, where the composed ops cost TensorFlow several passes
+        over the map (and their gradients more). Its variance output is the unbiased one
+        (N / (N - 1), 1 for N = 1), the batch is normalised with the biased one, as here."""
+        import tensorflow as tf
+
+        outputs, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(
+            inputs, tf.cast(self.gamma, inputs.dtype), tf.cast(self.beta, inputs.dtype),
+            epsilon=self.epsilon, data_format="NHWC", is_training=True)
+        return outputs, mean, unbiased
+
+    def _unfused_training(self, inputs, mask):
         mean, variance = self._moments(inputs, mask)
         shape = ops.shape(inputs)
         count = ops.cast(ops.prod(ops.convert_to_tensor(shape)) // shape[self.axis],
@@ -33,15 +63,9 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
         # max(N - 1, 1): a single value per channel (where PyTorch refuses to train)
         # keeps its biased variance 0 rather than dividing by zero.
         unbiased = variance * count / ops.maximum(count - 1.0, 1.0)
-        momentum = self.momentum
-        self.moving_mean.assign(
-            ops.cast(self.moving_mean, inputs.dtype) * momentum + mean * (1.0 - momentum))
-        self.moving_variance.assign(
-            ops.cast(self.moving_variance, inputs.dtype) * momentum
-            + unbiased * (1.0 - momentum))
         outputs = ops.batch_normalization(
             x=inputs, mean=mean, variance=variance, axis=self.axis,
             offset=ops.cast(self.beta, inputs.dtype) if self.center else None,
             scale=ops.cast(self.gamma, inputs.dtype) if self.scale else None,
             epsilon=self.epsilon)
-        return ops.cast(outputs, self.compute_dtype)
+        return outputs, mean, unbiased

@@ -3,6 +3,7 @@
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_local.layers.feedback import FeedbackAlignmentDense
@@ -66,20 +67,31 @@ class DecoderPooling(keras.layers.Layer):
     def call(self, h):
         if self.geometry is None or self.geometry[:2] == (1, 1):
             return h
-        kernel_h, kernel_w, pad_h, pad_w = self.geometry
-        if pad_h or pad_w:
-            h = ops.pad(h, ((0, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0)))
-        # Windows do not overlap (stride = kernel): 'valid' pooling is a crop to whole
-        # windows and a mean over the rows, then the columns, of each window. Same values
-        # as ops.average_pool, whose gradient under XLA on CPU (reduce-window) cost ~20x
-        # the arithmetic of the whole pred head. Each mean reduces the middle axis of a
-        # 3-D view, which TensorFlow's own kernels also reduce quickly.
         _, height, width, channels = h.shape
-        out_h, out_w = height // kernel_h, width // kernel_w
-        h = h[:, :out_h * kernel_h, :out_w * kernel_w, :]
-        h = ops.mean(ops.reshape(h, (-1, kernel_h, out_w * kernel_w * channels)), axis=1)
-        h = ops.mean(ops.reshape(h, (-1, kernel_w, channels)), axis=1)
+        out_h, out_w = self.compute_output_shape(h.shape)[1:3]
+        rows, cols = self.pooling_matrices(height, width)
+        # Two matrix products, columns then rows, each on a 3-D view that needs no
+        # transpose. The zero padding and the cut of the far side are in the matrices:
+        # padding then cropping the map cost TensorFlow (Pad, StridedSliceGrad) several
+        # times the pred head's arithmetic, and ops.average_pool's gradient under XLA on
+        # CPU (reduce-window) ~20x.
+        h = ops.matmul(ops.cast(cols, h.dtype)[None], ops.reshape(h, (-1, width, channels)))
+        h = ops.matmul(ops.cast(rows, h.dtype)[None],
+                       ops.reshape(h, (-1, height, out_w * channels)))
         return ops.reshape(h, (-1, out_h, out_w, channels))
+
+    def pooling_matrices(self, height, width):
+        """(P_rows (out_h, height), P_cols (out_w, width)): P[i, x] = 1 / kernel when input
+        position x lies in window i, which covers [i * kernel - pad, (i + 1) * kernel - pad);
+        the padding's zeros count in the mean (PyTorch's count_include_pad)."""
+        kernel_h, kernel_w, pad_h, pad_w = self.geometry
+        out_h, out_w = self.compute_output_shape((None, height, width, None))[1:3]
+
+        def matrix(out, size, kernel, pad):
+            window = (np.arange(size)[None, :] + pad) // kernel
+            return (window == np.arange(out)[:, None]).astype("float32") / kernel
+
+        return matrix(out_h, height, kernel_h, pad_h), matrix(out_w, width, kernel_w, pad_w)
 
     def compute_output_shape(self, input_shape):
         if self.geometry is None or self.geometry[:2] == (1, 1):
