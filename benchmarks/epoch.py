@@ -129,7 +129,8 @@ def main(argv=None):
         print(f"{name:<40}{seconds:>9.1f}{60000 / seconds:>10.0f}{ref / seconds:>7.2f}x")
     print(f"{RECIPE}, medians of {args.rounds} alternating rounds; ratio = reference "
           f"seconds / keras-local seconds")
-    print(f"CPU: {machine['cpu']} ({machine['cpu_cores']} cores)")
+    print(f"CPU: {machine['cpu']} ({machine['cpu_cores']} cores); TensorFlow oneDNN kernels "
+          f"in train.py: on unless TF_ENABLE_ONEDNN_OPTS=0 (keras_local.quiet)")
     print("load average (1, 5, 15 min) before / after: "
           + " / ".join(" ".join(f"{v:.2f}" for v in x) for x in (load_before, load_after)))
     payload = {"hardware": machine, "recipe": RECIPE, "rounds": args.rounds,

@@ -205,7 +205,8 @@ def main_side_by_side(args):
     print(f"medians of {args.rounds} alternating rounds (reference: bench.py compute-only; "
           f"keras-local: median of {args.windows} windows per round), batch {args.batch_size}")
     print(f"CPU: {machine['cpu']} ({machine['cpu_cores']} cores); GPU: "
-          f"{', '.join(machine['gpus']) or 'none'}")
+          f"{', '.join(machine['gpus']) or 'none'}; TensorFlow oneDNN kernels: "
+          f"{machine['tensorflow_onednn']}")
     print("load average (1, 5, 15 min) before / after: "
           + " / ".join(" ".join(f"{v:.2f}" for v in x) for x in (load_before, load_after)))
     payload = {"hardware": machine, "load_average_before": load_before,
@@ -530,14 +531,17 @@ def hardware():
                     break
     except OSError:
         pass
-    gpus = []
+    gpus, onednn = [], None
     try:
         import tensorflow as tf
 
         gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
-    except ImportError:
+        from tensorflow.python.util import _pywrap_util_port
+
+        onednn = bool(_pywrap_util_port.IsMklEnabled())  # oneDNN kernels in this process
+    except (ImportError, AttributeError):
         pass
-    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "gpus": gpus}
+    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "gpus": gpus, "tensorflow_onednn": onednn}
 
 
 def print_table(results, rows, peak, load):
@@ -579,10 +583,10 @@ def main(argv=None):
     if "keras" in sys.modules and sys.modules["keras"].backend.backend() != args.backend:
         sys.exit("throughput.py: error: Keras was already imported on another backend")
     os.environ["KERAS_BACKEND"] = args.backend  # before Keras is imported
-    check_backend(args.backend)
     from keras_local.quiet import quiet_start
 
-    quiet_start()  # imports TensorFlow without its C++ start-up noise
+    quiet_start()  # imports TensorFlow (quiet, oneDNN on) before anything else does
+    check_backend(args.backend)
     if args.reference:
         if not os.path.exists(os.path.join(args.reference, "bench.py")):
             sys.exit(f"throughput.py: error: --reference {args.reference}: no bench.py there; "
