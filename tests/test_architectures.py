@@ -30,7 +30,11 @@ def test_every_reference_architecture_is_registered():
 
 
 # 100+ local convs: building all their heads and metrics takes 10-30 s on 2 busy cores.
-HEAVY = {"resnet101", "resnet152"}
+# The other deep residual networks (2-6 s each) repeat the code of a smaller one of their
+# kind, which the default run builds: resnet18 (basic), resnet50 (bottleneck),
+# wresnet10-8 and wresnet10-8a (wide, adapted wide). All build in pytest -m slow.
+HEAVY = {"resnet34", "resnet101", "resnet152", "wresnet16-4", "wresnet16-4a", "wresnet16-8",
+         "wresnet16-8a", "wresnet28-10", "wresnet28-10a", "wresnet40-10", "wresnet40-10a"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n

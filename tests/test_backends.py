@@ -37,6 +37,11 @@ PARITY_CASES = {
     # The original geometry: block 3 (2x2x16) is pooled to 1x2x16 by the pred head.
     "vgg6a-bio-sgd": ("vgg6a", (8, 8, 3), dict(_VGG, optim="sgd", lr=0.1, bio=True)),
 }
+# The default run steps these two on every backend (conv blocks, Adam, SGD, the bio
+# heads); the other cases are slow-marked (pytest -m slow; .ci/backends runs them all).
+FAST_PARITY_CASES = ("vgg6a-adam", "vgg6a-bio-sgd")
+PARITY_PARAMS = [name if name in FAST_PARITY_CASES else pytest.param(name, marks=pytest.mark.slow)
+                 for name in PARITY_CASES]
 
 
 def weights_by_path(model):
@@ -104,12 +109,17 @@ def _worker_env(backend):
 
 
 @pytest.fixture(scope="module")
-def parity_results(tmp_path_factory):
+def parity_results(request, tmp_path_factory):
     """{"dir": folder of the inputs, backend: {case: (logs, weights)} after one step
     from the same start, or a string saying why that backend could not run}."""
     root = tmp_path_factory.mktemp("parity")
+    # Only the cases that this session's selected tests compare (each costs a trace per
+    # backend); an unselected case is absent from the results.
+    selected = {item.callspec.params["name"] for item in request.session.items
+                if str(item.path) == os.path.abspath(__file__) and hasattr(item, "callspec")
+                and "name" in item.callspec.params}
     cases = {name: _initial_inputs(name, str(root / f"{name}.inputs.npz"))
-             for name in PARITY_CASES}
+             for name in PARITY_CASES if name in selected}
     spec_path = root / "spec.json"
     spec_path.write_text(json.dumps({"cases": cases, "out_dir": str(root)}))
     workers = {}
@@ -129,7 +139,7 @@ def parity_results(tmp_path_factory):
             results[backend] = f"worker failed:\n{output[-4000:]}"
             continue
         results[backend] = {}
-        for name in PARITY_CASES:
+        for name in cases:
             with open(root / f"{name}.{backend}.json") as stream:
                 logs = json.load(stream)
             weights = dict(np.load(root / f"{name}.{backend}.npz"))
@@ -147,7 +157,7 @@ def _case_results(parity_results, backend, name):
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-@pytest.mark.parametrize("name", list(PARITY_CASES))
+@pytest.mark.parametrize("name", PARITY_PARAMS)
 def test_one_step_matches_tensorflow(parity_results, backend, name):
     """Same weights and batch, dropout 0: local losses to 1e-5, weights to 1e-4."""
     reference_logs, reference_weights = _case_results(parity_results, "tensorflow", name)
@@ -205,7 +215,7 @@ def test_one_step_weights_load_on_this_backend(parity_results, backend, name):
         np.testing.assert_array_equal(value, weights[path], err_msg=path)
 
 
-@pytest.mark.parametrize("name", list(PARITY_CASES))
+@pytest.mark.parametrize("name", PARITY_PARAMS)
 def test_one_step_changes_the_weights(parity_results, name):
     """The parity above is not vacuous: the step moved every block."""
     _, weights = _case_results(parity_results, "tensorflow", name)
@@ -302,6 +312,7 @@ def test_import_does_not_load_tensorflow(backend):
                    check=True, timeout=300)
 
 
+@pytest.mark.slow  # a benchmark subprocess on JAX, 1.5 minutes on 2 busy cores; .ci/backends runs it
 def test_jax_throughput_script_runs():
     """benchmarks/jax_throughput.py (no TensorFlow needed) at tiny widths."""
     if not _installed("jax"):
@@ -314,7 +325,9 @@ def test_jax_throughput_script_runs():
     assert "vgg8b 28x28x1 predsim batch 16:" in done.stdout and "images/s" in done.stdout
 
 
-@pytest.mark.parametrize("backend", ["jax", "torch"])
+# Two subprocesses each (train on the backend, export on TensorFlow): the torch one took
+# over 3 minutes on 2 busy cores, so it is slow-marked; .ci/backends runs it.
+@pytest.mark.parametrize("backend", ["jax", pytest.param("torch", marks=pytest.mark.slow)])
 def test_train_cli_on_backend_then_export_with_tensorflow(tmp_path, backend):
     """train.py --backend trains end to end; the run exports from a TensorFlow process."""
     if not _installed(backend):

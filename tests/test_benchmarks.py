@@ -20,6 +20,11 @@ def run_script(name, *args):
     return done.stdout
 
 
+# throughput.py --quick times 4 configurations (predsim/backprop x XLA update/none) and
+# checks XLA against the plain step; memory.py --quick runs a subprocess per mode. Each
+# took over 2 minutes on 2 busy cores: slow (pytest -m slow). The default run keeps
+# accuracy.py and inference.py end to end and throughput.py's MAC counting.
+@pytest.mark.slow
 def test_throughput_quick(tmp_path):
     out = tmp_path / "throughput.json"
     stdout = run_script("throughput.py", "--quick", "--xla", "update", "none",
@@ -75,6 +80,7 @@ def test_step_macs_count_heads_and_similarity():
     assert plain["step"] == 2 * plain["encoders"] + 3 * plain["output"]
 
 
+@pytest.mark.slow  # see test_throughput_quick
 def test_memory_quick(tmp_path):
     out = tmp_path / "memory.json"
     stdout = run_script("memory.py", "--quick", "--json", str(out))

@@ -118,11 +118,16 @@ def test_same_device():
 
 
 # --------------------------------------------------- MirroredStrategy, 2 CPUs
+# The case builds and traces ten models under the strategy: over 5 minutes on 2 busy
+# cores, so its tests are slow (pytest -m slow). In the default run, training under a
+# MirroredStrategy (one CPU replica) is covered by test_train_cli (train.py --strategy
+# mirrored) and test_feedback (the feedback-alignment gradient under strategy.run).
 @pytest.fixture(scope="module")
 def mirrored(data_path, tmp_path_factory):
     return run_case("mirrored", data_path, tmp_path_factory.mktemp("mirrored"))
 
 
+@pytest.mark.slow
 def test_mirrored_step_equals_mean_of_single_device_steps(mirrored):
     """One mirrored SGD step on [a; b] == the mean of one-device steps on a and on b,
     BatchNorm in training mode with per-replica statistics."""
@@ -133,11 +138,13 @@ def test_mirrored_step_equals_mean_of_single_device_steps(mirrored):
     assert mirrored["moving_mean_replica_copies_diff"] == 0.0
 
 
+@pytest.mark.slow
 def test_locality_holds_under_mirrored_strategy(mirrored):
     assert mirrored["locality_block_1_diff"] == 0.0
     assert mirrored["locality_last_block_diff"] > 1e-5  # the altered heads did act
 
 
+@pytest.mark.slow
 def test_checkpoint_and_backup_and_restore_under_mirrored(mirrored):
     assert mirrored["checkpoint_max_diff"] == 0.0
     assert mirrored["checkpoint_predict_diff"] == 0.0
@@ -179,6 +186,8 @@ def test_pipeline_local_losses_fall_on_fashion_mnist(pipelined):
 
 
 # ------------------------------------------- MultiWorkerMirroredStrategy, 2 workers
+# Two worker processes per cluster: slow (pytest -m slow). The default run checks how
+# TF_CONFIG resolves to the strategy (test_auto_resolves_from_tf_config_and_placement).
 def free_ports(count):
     sockets = [socket.socket() for _ in range(count)]
     for s in sockets:
@@ -270,6 +279,7 @@ def multiworker_straight(tmp_path_factory):
             "backups": backups}
 
 
+@pytest.mark.slow
 def test_multiworker_workers_end_with_identical_weights(multiworker_straight):
     weights_0, weights_1 = multiworker_straight["weights"]
     assert multiworker_straight["epochs"] == [[1, 2, 3], [1, 2, 3]]

@@ -173,6 +173,10 @@ def test_config_rejects_bad_values(bad, message):
         kl.Config(**bad)
 
 
+# Two 3x1024 MLPs, 2 epochs each: nearly 3 minutes on 2 busy cores, so slow (pytest -m
+# slow). The default run keeps learning on real images in test_feedback (bio predsim
+# MLP), test_train_cli (train.py end to end) and test_distribute (pipelined MLP).
+@pytest.mark.slow
 def test_fashion_mnist_predsim_mlp_learns(fashion_mnist_small):
     """REFERENCE settings, 2 epochs on the 8,000 demo images: under 20% test error."""
     (x_train, y_train), (x_test, y_test) = fashion_mnist_small

@@ -17,6 +17,10 @@ from keras_local.steps import rule
 SHAPE = (8, 8, 3)
 RESIDUAL_NAMES = list(RESNETS) + [n + s for n in WIDE_RESNETS for s in ("", "a")]
 HEAVY = {"resnet101", "resnet152"}  # 100+ convs: a build takes 5-10 s here
+# The deeper networks of each kind repeat the code of the smallest (resnet18, resnet50,
+# wresnet10-8, wresnet10-8a): their counts are checked in pytest -m slow only.
+DEEP = HEAVY | {"resnet34", "wresnet16-4", "wresnet16-4a", "wresnet16-8", "wresnet16-8a",
+                "wresnet28-10", "wresnet28-10a", "wresnet40-10", "wresnet40-10a"}
 
 
 # ---------------------------------------------------------------- the script's counts
@@ -102,7 +106,7 @@ def test_full_width_backbone_equals_the_authors(name):
     assert backbone_params(model) == {"resnet18": 11_173_962, "wresnet16-4": 2_751_146}[name]
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in DEEP else n
                                   for n in kl.list_models() if n in RESIDUAL_NAMES])
 def test_every_residual_architecture_counts_like_the_script(name):
     config = kl.Config(feat_mult=1 / 16, backprop=True)
@@ -171,9 +175,14 @@ def changed(a, b):
 
 
 def test_no_gradient_crosses_a_residual_block_boundary(rng):
-    """Altering block_3's heads (conv 2 of the first residual block) changes nothing in
-    the stem or in block_2 (conv 1 of the same residual block): each conv is a module."""
-    before, plain, altered = train_twice(small(), rng, "block_3")
+    """Altering block_3's heads (conv 2 of the first residual block, whose identity
+    shortcut adds the stem's output) changes nothing in the stem or in block_2 (conv 1 of
+    the same residual block): each conv is a module. wresnet10-8a: 7 convs to trace
+    instead of resnet18's 17, the same first residual block with an identity shortcut."""
+    model = kl.build_model("wresnet10-8a", SHAPE, 4, small())
+    block_3 = next(b for b in model.local_blocks if b.name == "block_3")
+    assert block_3.role == "last" and block_3.shortcut_kind == "identity"
+    before, plain, altered = train_twice(small(), rng, "block_3", name="wresnet10-8a")
     for block in ("block_1", "block_2"):
         assert changed(owned(before, block), owned(plain, block)), f"{block} did not train"
         for path, value in owned(plain, block).items():
@@ -182,15 +191,17 @@ def test_no_gradient_crosses_a_residual_block_boundary(rng):
 
 
 def test_gradients_flow_inside_a_module_and_not_between(rng):
-    """modules=9 on resnet18's 17 convs (sizes 2, 2, ..., 2, 1): block_3 + block_4 form
-    one module whose heads sit on block_4 (block_3 has none), so block_4's heads train
-    block_3 (across the residual block's inner boundary), and never the module before."""
-    config = small(modules=9)
-    model = kl.build_model("resnet18", SHAPE, 4, config)
+    """modules=4 on wresnet10-8a's 7 convs (sizes 2, 2, 2, 1): block_3 (conv 2 of the
+    first residual block) + block_4 (conv 1 of the second) form one module whose heads
+    sit on block_4 (block_3 has none), so block_4's heads train block_3 (across the
+    residual block boundary), and never the module before."""
+    config = small(modules=4)
+    model = kl.build_model("wresnet10-8a", SHAPE, 4, config)
+    assert [b.role for b in model.local_blocks[1:5]] == ["first", "last", "first", "last"]
     heads = [b.name for b in model.local_blocks if b.has_heads]
-    assert heads[:2] == ["block_2", "block_4"] and heads[-1] == "block_17" and len(heads) == 9
+    assert heads == ["block_2", "block_4", "block_6", "block_7"]
     assert [s.name for s in rule.plan(model)][:2] == ["block_2", "block_4"]
-    before, plain, altered = train_twice(config, rng, "block_4")
+    before, plain, altered = train_twice(config, rng, "block_4", name="wresnet10-8a")
     assert changed(owned(plain, "block_3"), owned(altered, "block_3")), \
         "no gradient reached block_3 from its module's loss"
     for block in ("block_1", "block_2"):
@@ -229,10 +240,14 @@ def test_shortcut_is_trained_only_by_its_blocks_loss(rng):
 
 # Each case traces a step of 7-17 segments (the costly part on CPU): the smallest
 # registered networks cover every order (post / pre / none), shortcut kind and mode.
+# Three cases took over 3 minutes each on 2 busy cores: slow (pytest -m slow). The
+# default run keeps backprop and modules=2 (local losses on a residual network).
 @pytest.mark.parametrize("name,changes", [
-    ("resnet18", {"pre_act": True, "dropout": 0.1}), ("wresnet10-8", {"backprop": True}),
-    ("wresnet10-8", {"no_detach": True, "dropout": 0.2}),
-    ("wresnet10-8a", {"bio": True, "dropout": 0.2}), ("wresnet10-8a", {"modules": 2})])
+    pytest.param("resnet18", {"pre_act": True, "dropout": 0.1}, marks=pytest.mark.slow),
+    ("wresnet10-8", {"backprop": True}),
+    pytest.param("wresnet10-8", {"no_detach": True, "dropout": 0.2}, marks=pytest.mark.slow),
+    pytest.param("wresnet10-8a", {"bio": True, "dropout": 0.2}, marks=pytest.mark.slow),
+    ("wresnet10-8a", {"modules": 2})])
 def test_residual_modes_train_and_inference_model_matches(rng, name, changes):
     model = kl.build_model(name, SHAPE, 4, small(optim="adam", lr=1e-2, **changes))
     model.compile()
