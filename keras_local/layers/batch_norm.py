@@ -27,6 +27,15 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
             raise ValueError("TorchBatchNormalization does not support masks")
         inputs = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
         mean, variance = self._moments(inputs, mask)
+        self._update_moving_statistics(inputs, mean, variance)
+        outputs = ops.batch_normalization(
+            x=inputs, mean=mean, variance=variance, axis=self.axis,
+            offset=ops.cast(self.beta, inputs.dtype) if self.center else None,
+            scale=ops.cast(self.gamma, inputs.dtype) if self.scale else None,
+            epsilon=self.epsilon)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _update_moving_statistics(self, inputs, mean, variance):
         shape = ops.shape(inputs)
         count = ops.cast(ops.prod(ops.convert_to_tensor(shape)) // shape[self.axis],
                          inputs.dtype)
@@ -39,9 +48,27 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
         self.moving_variance.assign(
             ops.cast(self.moving_variance, inputs.dtype) * momentum
             + unbiased * (1.0 - momentum))
-        outputs = ops.batch_normalization(
-            x=inputs, mean=mean, variance=variance, axis=self.axis,
-            offset=ops.cast(self.beta, inputs.dtype) if self.center else None,
-            scale=ops.cast(self.gamma, inputs.dtype) if self.scale else None,
-            epsilon=self.epsilon)
-        return ops.cast(outputs, self.compute_dtype)
+
+    def fuses_leaky_relu(self, inputs):
+        """Whether ``leaky_relu_training`` applies: TensorFlow outside XLA, float32,
+        scale and centre, normalising the last axis."""
+        if keras.backend.backend() != "tensorflow":
+            return False
+        from keras_local import tf_gradients
+
+        axis = self.axis if self.axis >= 0 else self.axis + len(inputs.shape)
+        return (tf_gradients.active() and self.trainable and self.center and self.scale
+                and self.compute_dtype == "float32" and inputs.dtype == "float32"
+                and axis == len(inputs.shape) - 1)
+
+    def leaky_relu_training(self, inputs, negative_slope):
+        """LeakyReLU(self(inputs, training=True)) with a gradient that reads only the
+        output (``keras_local.tf_gradients.batch_norm_leaky_relu``): the BatchNorm input
+        need not stay alive until the backward pass. Check ``fuses_leaky_relu`` first."""
+        from keras_local.tf_gradients import batch_norm_leaky_relu
+
+        outputs, mean, variance = batch_norm_leaky_relu(
+            inputs, ops.cast(self.gamma, inputs.dtype), ops.cast(self.beta, inputs.dtype),
+            self.epsilon, negative_slope)
+        self._update_moving_statistics(inputs, mean, variance)
+        return outputs

@@ -76,7 +76,10 @@ class DecoderPooling(keras.layers.Layer):
         # 3-D view, which TensorFlow's own kernels also reduce quickly.
         _, height, width, channels = h.shape
         out_h, out_w = height // kernel_h, width // kernel_w
-        h = h[:, :out_h * kernel_h, :out_w * kernel_w, :]
+        if (out_h * kernel_h, out_w * kernel_w) != (height, width):
+            # (only when needed: TensorFlow's gradient of even a no-op slice is a new,
+            # zero-filled full-size map)
+            h = h[:, :out_h * kernel_h, :out_w * kernel_w, :]
         h = ops.mean(ops.reshape(h, (-1, kernel_h, out_w * kernel_w * channels)), axis=1)
         h = ops.mean(ops.reshape(h, (-1, kernel_w, channels)), axis=1)
         return ops.reshape(h, (-1, out_h, out_w, channels))
