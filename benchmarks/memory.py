@@ -13,12 +13,15 @@ BatchNorm statistics, optimiser slots). It then resets the allocator's statistic
 runs one more step; the result is that step's peak bytes in use above the baseline
 (``tf.config.experimental.get_memory_info`` on "GPU:0", or on "CPU:0").
 
-Why not the process's RSS on CPU: TensorFlow's CPU allocator here (oneDNN builds:
-MklCPUAllocator) is a BFC pool that never returns memory to the kernel, so after the
-first step the RSS stays at the first step's peak (plus XLA/graph compilation memory)
-and a later step's peak cannot be seen in it. The allocator's own statistics count every
-tensor and XLA buffer of the step. Where an allocator keeps no statistics the child falls
-back to peak RSS: VmHWM reset through /proc/self/clear_refs ("5"), or VmRSS sampled every
+Why not the process's RSS on CPU: TensorFlow's CPU allocator may be a pool that never
+returns memory to the kernel (oneDNN builds: MklCPUAllocator), so after the first step
+the RSS stays at the first step's peak (plus XLA/graph compilation memory) and a later
+step's peak cannot be seen in it. The allocator's own statistics count every tensor and
+XLA buffer of the step. Some CPU builds (the AVX2 TF 2.21 wheel) use a plain allocator
+without statistics by default; the child is therefore started with
+TF_CPU_ALLOCATOR_USE_BFC=true, which makes TensorFlow use its BFC allocator on the CPU,
+with statistics. Where an allocator still keeps no statistics the child falls back to
+peak RSS: VmHWM reset through /proc/self/clear_refs ("5"), or VmRSS sampled every
 millisecond, with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors go back to the
 kernel. The JSON also records the process's RSS after build and its overall peak RSS.
 
@@ -202,6 +205,7 @@ def measure(model_name, mode, args):
     if args.modules is not None:
         command += ["--modules", str(args.modules)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow",
+               TF_CPU_ALLOCATOR_USE_BFC="true",
                MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     for line in done.stdout.splitlines():

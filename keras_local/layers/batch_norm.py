@@ -30,13 +30,24 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
             outputs, mean, unbiased = self._fused_training(inputs)
         else:
             outputs, mean, unbiased = self._unfused_training(inputs, mask)
+        self._assign_moving_statistics(mean, unbiased)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _assign_moving_statistics(self, mean, unbiased):
         momentum = self.momentum
         self.moving_mean.assign(
-            ops.cast(self.moving_mean, inputs.dtype) * momentum + mean * (1.0 - momentum))
+            ops.cast(self.moving_mean, mean.dtype) * momentum + mean * (1.0 - momentum))
         self.moving_variance.assign(
-            ops.cast(self.moving_variance, inputs.dtype) * momentum
+            ops.cast(self.moving_variance, unbiased.dtype) * momentum
             + unbiased * (1.0 - momentum))
-        return ops.cast(outputs, self.compute_dtype)
+
+    def _unbiased(self, inputs, variance):
+        shape = ops.shape(inputs)
+        count = ops.cast(ops.prod(ops.convert_to_tensor(shape)) // shape[self.axis],
+                         inputs.dtype)
+        # max(N - 1, 1): a single value per channel (where PyTorch refuses to train)
+        # keeps its biased variance 0 rather than dividing by zero.
+        return variance * count / ops.maximum(count - 1.0, 1.0)
 
     def _fused_available(self, inputs):
         """TensorFlow's fused kernel: NHWC feature maps normalised over the channels."""
@@ -57,15 +68,33 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
 
     def _unfused_training(self, inputs, mask):
         mean, variance = self._moments(inputs, mask)
-        shape = ops.shape(inputs)
-        count = ops.cast(ops.prod(ops.convert_to_tensor(shape)) // shape[self.axis],
-                         inputs.dtype)
-        # max(N - 1, 1): a single value per channel (where PyTorch refuses to train)
-        # keeps its biased variance 0 rather than dividing by zero.
-        unbiased = variance * count / ops.maximum(count - 1.0, 1.0)
         outputs = ops.batch_normalization(
             x=inputs, mean=mean, variance=variance, axis=self.axis,
             offset=ops.cast(self.beta, inputs.dtype) if self.center else None,
             scale=ops.cast(self.gamma, inputs.dtype) if self.scale else None,
             epsilon=self.epsilon)
-        return outputs, mean, unbiased
+        return outputs, mean, self._unbiased(inputs, variance)
+
+    def fuses_leaky_relu(self, inputs):
+        """Whether ``leaky_relu_training`` applies: TensorFlow outside XLA, float32,
+        scale and centre, normalising the last axis."""
+        if keras.backend.backend() != "tensorflow":
+            return False
+        from keras_local import tf_gradients
+
+        axis = self.axis if self.axis >= 0 else self.axis + len(inputs.shape)
+        return (tf_gradients.active() and self.trainable and self.center and self.scale
+                and self.compute_dtype == "float32" and inputs.dtype == "float32"
+                and axis == len(inputs.shape) - 1)
+
+    def leaky_relu_training(self, inputs, negative_slope):
+        """LeakyReLU(self(inputs, training=True)) with a gradient that reads only the
+        output (``keras_local.tf_gradients.batch_norm_leaky_relu``): the BatchNorm input
+        need not stay alive until the backward pass. Check ``fuses_leaky_relu`` first."""
+        from keras_local.tf_gradients import batch_norm_leaky_relu
+
+        outputs, mean, variance = batch_norm_leaky_relu(
+            inputs, ops.cast(self.gamma, inputs.dtype), ops.cast(self.beta, inputs.dtype),
+            self.epsilon, negative_slope)
+        self._assign_moving_statistics(mean, self._unbiased(inputs, variance))
+        return outputs

@@ -186,9 +186,13 @@ class LocalBlock(keras.layers.Layer):
         if self.encoder_padding is not None:
             h = self.encoder_padding(h)
         h = self.encoder(h)
+        leaky_tf = (training and self.nonlin == "leakyrelu"
+                    and keras.backend.backend() == "tensorflow")
+        if leaky_tf and self.bn is not None and self.bn.fuses_leaky_relu(h):
+            return self.bn.leaky_relu_training(h, self.activation.negative_slope)
         if self.bn is not None:
             h = self.bn(h, training=training)
-        if training and self.nonlin == "leakyrelu" and keras.backend.backend() == "tensorflow":
+        if leaky_tf:
             return leaky_relu_with_output_gradient(h, self.activation.negative_slope)
         return self.activation(h)
 

@@ -44,7 +44,14 @@ class TensorFlowExecutor(rule.SequentialSchedule):
         with device_scope(segment.device), tf.GradientTape() as tape:
             loss, out = loss_fn(inputs)
         with device_scope(segment.device):
-            grads = tape.gradient(loss, variables)
+            # The backward pass starts from a seed that exists only once the loss does.
+            # Seeded by a constant, the backward ops of one head (the pred head's, whose
+            # share of the loss is a constant factor) run while the other head's forward
+            # pass still runs, and their full-size gradient maps wait, alive, for the
+            # other head's gradients to be added to them.
+            with tf.control_dependencies([loss]):
+                seed = tf.identity(tf.ones_like(loss))
+            grads = tape.gradient(loss, variables, output_gradients=seed)
         return out, _zeros_for_none(grads, variables)
 
     def stop_gradient(self, outputs, after):

@@ -1,0 +1,122 @@
+"""TensorFlow custom gradients that keep fewer full-size maps alive during training.
+
+Same values and gradients as TensorFlow's autodiff of the plain expressions (to float32
+rounding; tests/test_tf_gradients.py), but the backward pass reads fewer saved tensors:
+
+- ``spatial_std``: autodiff keeps the centred map x - mean for the gradient of the
+  square; here only x is kept (the sim head's conv output, which exists anyway until the
+  std is computed) and the centred map is rebuilt in the backward pass. The forward pass
+  also makes one full-size temporary (squared difference) instead of two.
+- ``batch_norm_leaky_relu``: training-mode BatchNorm followed by LeakyReLU whose gradient
+  reads only the output h, not the BatchNorm input: LeakyReLU (0 < slope < 1) is
+  invertible, and the normalised value is x_hat = (y - beta) / gamma (the "in-place
+  activated BatchNorm" idea). Channels where gamma is too small next to beta for that
+  division to be accurate keep their BatchNorm input instead (usually none).
+
+Every full-size map that the backward passes compute from forward tensors alone has a
+control edge to the incoming gradient: TensorFlow's executor runs an op as soon as its
+inputs exist, which would otherwise be during the forward pass (the map then stays alive
+until the backward pass reaches its consumer).
+
+Used only on the TensorFlow backend outside XLA (under XLA the compiler plans buffers
+itself and the plain expressions are used).
+"""
+
+import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
+
+# x_hat = (y - beta) / gamma loses about |beta / gamma| ulps of y to rounding; channels
+# with |gamma| <= GAMMA_BETA_RATIO * |beta| (or |gamma| <= GAMMA_FLOOR) keep their
+# BatchNorm input instead (an error of at most ~10 ulps, like autodiff's own).
+GAMMA_BETA_RATIO = 0.1
+GAMMA_FLOOR = 1e-6
+
+# False: every caller takes the plain autodiff path (the tests compare both).
+ENABLED = True
+
+
+def active():
+    """Whether callers should use these gradients now: enabled, and not while tracing a
+    function that XLA will compile (jit_compile=True)."""
+    return ENABLED and not control_flow_util.GraphOrParentsInXlaContext(
+        tf.compat.v1.get_default_graph())
+
+
+def spatial_std(flat):
+    """Per-channel std over axis 1 (ddof=1) of ``flat`` (B, positions, C) -> (B, C); a
+    channel that is constant gets std 0 and gradient 0."""
+    positions = flat.shape[1]
+
+    @tf.custom_gradient
+    def std_over_positions(flat):
+        mean = tf.reduce_mean(flat, axis=1, keepdims=True)
+        variance = tf.reduce_sum(tf.math.squared_difference(flat, mean), axis=1) / (positions - 1)
+        positive = variance > 0
+        std = tf.where(positive, tf.sqrt(tf.where(positive, variance, tf.ones_like(variance))),
+                       tf.zeros_like(variance))
+
+        def gradient(dstd):
+            # d std / d x = (x - mean) / ((positions - 1) * std)
+            scale = tf.where(positive, dstd / (tf.where(positive, std, tf.ones_like(std))
+                                               * (positions - 1)), tf.zeros_like(std))
+            with tf.control_dependencies([dstd]):  # not before the backward pass gets here
+                centred = flat - mean
+            return centred * scale[:, None, :]
+
+        return std, gradient
+
+    return std_over_positions(flat)
+
+
+def batch_norm_leaky_relu(z, gamma, beta, epsilon, slope):
+    """LeakyReLU(BatchNorm(z)) in training mode over all axes but the last.
+
+    Returns (h, mean, variance): mean and the biased variance of the batch (for the
+    moving statistics; no gradient flows through them). The forward ops are those of
+    ``tf.nn.moments``, ``tf.nn.batch_normalization`` and ``tf.nn.leaky_relu``, so h is
+    bitwise what Keras's BatchNormalization + LeakyReLU give.
+    """
+    if not 0.0 < slope < 1.0:
+        raise ValueError(f"batch_norm_leaky_relu needs 0 < slope < 1, got {slope}")
+    axes = list(range(len(z.shape) - 1))
+    stats = {}
+
+    @tf.custom_gradient
+    def forward(z, gamma, beta):
+        mean, variance = tf.nn.moments(z, axes)
+        y = tf.nn.batch_normalization(z, mean, variance, beta, gamma, epsilon)
+        h = tf.nn.leaky_relu(y, alpha=slope)
+        stats["mean"], stats["variance"] = mean, variance
+        # Channels whose x_hat cannot be rebuilt accurately from h keep their input.
+        exact = (tf.abs(gamma) > GAMMA_BETA_RATIO * tf.abs(beta)) & (tf.abs(gamma) > GAMMA_FLOOR)
+        kept = tf.cast(tf.reshape(tf.where(tf.logical_not(exact)), [-1]), tf.int32)
+        kept_z = tf.gather(z, kept, axis=-1)  # (..., 0) in the usual case: no memory
+        count = tf.cast(tf.size(z) // tf.size(gamma), z.dtype)
+
+        def gradient(dh):
+            dy = tf.raw_ops.LeakyReluGrad(gradients=dh, features=h, alpha=slope)
+            rsqrt = tf.math.rsqrt(variance + epsilon)
+            # LeakyReLU's inverse: min(h, h / slope) for 0 < slope < 1. It depends only on
+            # forward tensors: without the control edge TensorFlow computes it as soon as h
+            # exists, and the map lives through the whole forward pass of the heads.
+            with tf.control_dependencies([dy]):
+                x_hat = (tf.minimum(h, h / slope) - beta) / gamma
+
+            def with_kept_channels():
+                kept_x_hat = (kept_z - tf.gather(mean, kept)) * tf.gather(rsqrt, kept)
+                channels = tf.size(gamma)
+                source = tf.tensor_scatter_nd_update(
+                    tf.range(channels), kept[:, None],
+                    channels + tf.range(tf.size(kept), dtype=kept.dtype))
+                return tf.gather(tf.concat([x_hat, kept_x_hat], axis=-1), source, axis=-1)
+
+            x_hat = tf.cond(tf.size(kept) > 0, with_kept_channels, lambda: x_hat)
+            dbeta = tf.reduce_sum(dy, axes)
+            dgamma = tf.reduce_sum(dy * x_hat, axes)
+            dz = (gamma * rsqrt) * (dy - dbeta / count - x_hat * (dgamma / count))
+            return dz, dgamma, dbeta
+
+        return h, gradient
+
+    h = forward(z, gamma, beta)
+    return h, tf.stop_gradient(stats["mean"]), tf.stop_gradient(stats["variance"])
