@@ -292,6 +292,8 @@ def test_bio_trains_with_every_loss_sup(rng, loss_sup):
         assert np.isfinite(logs["block_2_sim_loss"])
 
 
+@pytest.mark.slow  # a minute on 2 cores; learning on real images stays in the default run
+# through tests/test_train_cli.py's end-to-end run
 def test_bio_predsim_mlp_learns_fashion_mnist(fashion_mnist_small):
     """Issue 5: 3x1024 bio predsim MLP, 2 epochs on the 8,000 demo images: under 25% test error."""
     (x_train, y_train), (x_test, y_test) = fashion_mnist_small
