@@ -110,6 +110,7 @@ def test_memory_plot(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # two short trainings in a subprocess, about 15 s idle
 def test_accuracy_quick(tmp_path):
     prefix = tmp_path / "curves"
     stdout = run_script("accuracy.py", "--quick", "--no-jit", "--out", str(prefix))
@@ -124,6 +125,7 @@ def test_accuracy_quick(tmp_path):
     assert open(f"{prefix}.png", "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # builds, exports and times models in a subprocess, about 20 s idle
 def test_inference_quick(tmp_path):
     out = tmp_path / "inference.json"
     stdout = run_script("inference.py", "--quick", "--json", str(out))

@@ -271,7 +271,9 @@ def test_bio_matrices_have_seeds_of_their_own():
         assert correlation(previous.projection.projection, block.encoder.kernel) < 0.5
 
 
-@pytest.mark.parametrize("loss_sup", ["pred", "sim", "predsim"])
+# sim and predsim are slow-marked (about 20 s each idle); the default run keeps pred.
+@pytest.mark.parametrize("loss_sup", ["pred", pytest.param("sim", marks=pytest.mark.slow),
+                                      pytest.param("predsim", marks=pytest.mark.slow)])
 def test_bio_trains_with_every_loss_sup(rng, loss_sup):
     config = bio_config(loss_sup=loss_sup, target_proj_size=24, optim="adam", lr=1e-2)
     model = kl.build_model("mlp", (6, 6, 1), 4, config)

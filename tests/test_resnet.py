@@ -240,14 +240,14 @@ def test_shortcut_is_trained_only_by_its_blocks_loss(rng):
 
 # Each case traces a step of 7-17 segments (the costly part on CPU): the smallest
 # registered networks cover every order (post / pre / none), shortcut kind and mode.
-# Three cases took over 3 minutes each on 2 busy cores: slow (pytest -m slow). The
-# default run keeps backprop and modules=2 (local losses on a residual network).
+# All but backprop are slow (pytest -m slow; each took 2-3 minutes on 2 busy cores); the
+# default run's local-loss residual cases are the locality tests below.
 @pytest.mark.parametrize("name,changes", [
     pytest.param("resnet18", {"pre_act": True, "dropout": 0.1}, marks=pytest.mark.slow),
     ("wresnet10-8", {"backprop": True}),
     pytest.param("wresnet10-8", {"no_detach": True, "dropout": 0.2}, marks=pytest.mark.slow),
     pytest.param("wresnet10-8a", {"bio": True, "dropout": 0.2}, marks=pytest.mark.slow),
-    ("wresnet10-8a", {"modules": 2})])
+    pytest.param("wresnet10-8a", {"modules": 2}, marks=pytest.mark.slow)])
 def test_residual_modes_train_and_inference_model_matches(rng, name, changes):
     model = kl.build_model(name, SHAPE, 4, small(optim="adam", lr=1e-2, **changes))
     model.compile()

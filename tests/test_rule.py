@@ -40,7 +40,7 @@ def train_steps(name, shape, optimiser, per_segment, xla_update, steps=3):
 @pytest.mark.parametrize("optimiser,name,shape,xla_update", [
     ("adam", "mlp", (6, 6, 1), False),
     ("adam", "vgg6a", (8, 8, 3), True),
-    ("sgd_momentum", "vgg6a", (8, 8, 3), False),
+    pytest.param("sgd_momentum", "vgg6a", (8, 8, 3), False, marks=pytest.mark.slow),
 ])
 def test_per_segment_apply_equals_one_apply_at_the_end(optimiser, name, shape, xla_update):
     end, end_steps = train_steps(name, shape, optimiser, per_segment=False, xla_update=xla_update)
