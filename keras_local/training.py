@@ -43,7 +43,12 @@ from keras_local.data import (
     tensorflow_available,
 )
 from keras_local.data.catalogue import dataset_info, list_datasets
-from keras_local.data.pipeline import EpochClock, normalise_numpy
+from keras_local.data.pipeline import (
+    EpochClock,
+    feeds_epochs_forever,
+    normalise_numpy,
+    steps_per_epoch,
+)
 from keras_local.models.local_model import LocalModel
 from keras_local.models.local_model import check_network_support
 
@@ -288,8 +293,12 @@ def train_prepared(prepared, verbose=1, export=True):
     with_tensorflow = tensorflow_available()
     pipeline = make_datasets if with_tensorflow else make_numpy_datasets
     clock = EpochClock()
-    train_ds, test_ds = pipeline(config.replace(batch_size=config.batch_size * replicas),
-                                 train, test, epoch_clock=clock)
+    global_batches = config.replace(batch_size=config.batch_size * replicas)
+    # One tf.data iterator for the whole run where the data allow it (see make_datasets).
+    forever = with_tensorflow and feeds_epochs_forever(config, train)
+    train_ds, test_ds = pipeline(global_batches, train, test, epoch_clock=clock,
+                                 **({"first_epoch": initial_epoch} if forever else {}))
+    steps = steps_per_epoch(global_batches, len(train[1])) if forever else None
     # BackupAndRestore last: when its epoch-end state exists, the checkpoint, CSV row and
     # TensorBoard scalars of that epoch exist too. RandomStreams first (see its doc), then
     # EpochTimes (its epoch_seconds must reach the loggers).
@@ -313,7 +322,8 @@ def train_prepared(prepared, verbose=1, export=True):
     if verbose:
         callbacks.append(CompactProgbar())
     fit_started = time.perf_counter()
-    history = model.fit(train_ds, epochs=config.epochs, validation_data=test_ds, shuffle=False,
+    history = model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps,
+                        validation_data=test_ds, shuffle=False,
                         callbacks=callbacks, verbose=verbose, initial_epoch=initial_epoch)
     fit_seconds = time.perf_counter() - fit_started
 

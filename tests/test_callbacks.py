@@ -87,3 +87,26 @@ def test_run_configuration_in_the_hparams_dashboard(tiny_runs):
     assert hparams["lr_decay_milestones"].string_value == "200 300 350 375"
     assert "data_dir" not in hparams  # None: left out
     assert set(hparams) == set(hparam_values(Config(max_train_examples=256)))
+
+
+def test_epoch_seconds_include_the_work_between_epochs():
+    """EpochTimes: epoch 1 from the fit's start; every later epoch from the previous
+    epoch's end, so a slow epoch-end callback (a checkpoint) counts in the next epoch."""
+    import time
+
+    import keras
+
+    from keras_local.callbacks import EpochTimes
+
+    class SlowEpochEnd(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            time.sleep(0.3)
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.zeros((4, 2), "float32")
+    history = model.fit(x, x[:, :1], epochs=3, verbose=0,
+                        callbacks=[EpochTimes(), SlowEpochEnd()]).history
+    seconds = history["epoch_seconds"]
+    assert len(seconds) == 3  # the first one includes tracing: no bound
+    assert all(s >= 0.3 for s in seconds[1:]), seconds

@@ -6,6 +6,7 @@ import pytest
 
 import keras_local as kl
 from keras_local import data
+from keras_local.data import pipeline
 from keras_local.data.idx import DataFileError, read_idx, write_idx
 
 
@@ -102,6 +103,28 @@ def test_pipeline_normalises_augments_and_is_deterministic():
     np.testing.assert_allclose(x_test.numpy(), expected, atol=1e-5)
     # cutout zeroes a square after normalisation: exact zeros appear in training images
     assert (first[0].numpy() == 0.0).sum() >= 64 * 16
+
+
+def test_pipeline_run_forever_feeds_each_epoch_as_the_one_epoch_pipeline_does():
+    """make_datasets(first_epoch=E): epochs E, E+1, ... back to back, each batch equal to
+    the one-epoch pipeline's for that epoch (order and augmentation), the partial last
+    batch of each epoch kept; class-limited configs are refused."""
+    config = kl.Config(dataset="fashion_mnist_demo", batch_size=64, max_train_examples=200)
+    train, test = data.load_arrays(config)
+    steps = pipeline.steps_per_epoch(config, len(train[1]))
+    assert steps == 4  # 64 + 64 + 64 + 8
+    forever = iter(data.make_datasets(config, train, test, first_epoch=2)[0])
+    for epoch in (2, 3):
+        clock = pipeline.EpochClock()
+        clock.epoch = epoch
+        one_epoch = list(data.make_datasets(config, train, test, epoch_clock=clock)[0])
+        assert len(one_epoch) == steps and len(one_epoch[-1][1]) == 8
+        for expected in one_epoch:
+            images, labels = next(forever)
+            np.testing.assert_array_equal(images.numpy(), expected[0].numpy())
+            np.testing.assert_array_equal(labels.numpy(), expected[1].numpy())
+    with pytest.raises(ValueError, match="first_epoch: not for class-limited"):
+        data.make_datasets(config.replace(classes_per_batch=2), train, test, first_epoch=0)
 
 
 def test_cutout_square_is_clipped_at_borders():
