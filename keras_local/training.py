@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 
 import keras
 
@@ -233,8 +234,14 @@ def prepare(config):
     strategy = make_run_strategy(config)  # before any other TensorFlow op
     if config.deterministic and config.backend == "tensorflow":
         import tensorflow as tf
+        from tensorflow.python.util import _pywrap_util_port
 
         tf.config.experimental.enable_op_determinism()
+        if _pywrap_util_port.IsMklEnabled():
+            warnings.warn("deterministic=True with oneDNN kernels on: reruns and resumes may "
+                          "differ in the last bits; set TF_ENABLE_ONEDNN_OPTS=0 before "
+                          "TensorFlow is imported (train.py --deterministic does)",
+                          stacklevel=2)
     keras.utils.set_random_seed(config.seed)
     train, test = load_arrays(config)
     with strategy.scope() if strategy is not None else contextlib.nullcontext():

@@ -18,11 +18,13 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def pre_parse(argv):
-    """The options needed before Keras is imported: the backend, --resume and plugins."""
+    """The options needed before Keras is imported: the backend, --resume, plugins and
+    --deterministic (which keeps oneDNN's kernels off, see keras_local.quiet)."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--backend", default="tensorflow")
     p.add_argument("--resume", default=None)
     p.add_argument("--plugin", action="append", default=[])
+    p.add_argument("--deterministic", action="store_true")
     known, _ = p.parse_known_args(argv)
     return known
 
@@ -218,6 +220,9 @@ def main(argv=None):
     resumed = resumed_options(early.resume)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ["KERAS_BACKEND"] = resumed.get("backend") or early.backend  # before Keras
+    if early.deterministic or resumed.get("deterministic"):
+        # Before TensorFlow starts: oneDNN's kernels are not covered by op determinism.
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     from keras_local.plugins import PluginError, load_plugins
     from keras_local.quiet import quiet_start
 
