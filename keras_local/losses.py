@@ -4,8 +4,9 @@ Only ``keras.ops`` is used, so every function runs on each Keras 3 backend.
 Inputs are channels-last (NHWC) feature maps or (batch, features) matrices.
 """
 
-import keras
 from keras import ops
+
+from keras_local import tf_gradients
 
 NORM_EPSILON = 1e-8
 
@@ -19,9 +20,7 @@ def spatial_std(x):
     batch, height, width, channels = _static_shape(x)
     positions = height * width
     flat = ops.reshape(x, (-1, positions, channels))
-    if _tensorflow_gradients():  # same values; keeps one full-size map less in training
-        from keras_local import tf_gradients
-
+    if tf_gradients.active():  # same values; keeps one full-size map less in training
         return tf_gradients.spatial_std(flat)
     centred = flat - ops.mean(flat, axis=1, keepdims=True)
     variance = ops.sum(ops.square(centred), axis=1) / (positions - 1)
@@ -82,14 +81,6 @@ def error_percent(logits, labels):
     predicted = ops.argmax(logits, axis=-1)
     wrong = ops.not_equal(ops.cast(predicted, "int32"), ops.cast(labels, "int32"))
     return 100.0 * ops.mean(ops.cast(wrong, "float32"))
-
-
-def _tensorflow_gradients():
-    if keras.backend.backend() != "tensorflow":
-        return False
-    from keras_local import tf_gradients
-
-    return tf_gradients.active()
 
 
 def _static_shape(x):

@@ -19,11 +19,11 @@ inputs exist, which would otherwise be during the forward pass (the map then sta
 until the backward pass reaches its consumer).
 
 Used only on the TensorFlow backend outside XLA (under XLA the compiler plans buffers
-itself and the plain expressions are used).
+itself and the plain expressions are used): callers ask ``active()``, which any backend
+may import (TensorFlow is imported only on the TensorFlow backend).
 """
 
-import tensorflow as tf
-from tensorflow.python.ops import control_flow_util
+import keras
 
 # x_hat = (y - beta) / gamma loses about |beta / gamma| ulps of y to rounding; channels
 # with |gamma| <= GAMMA_BETA_RATIO * |beta| (or |gamma| <= GAMMA_FLOOR) keep their
@@ -36,15 +36,21 @@ ENABLED = True
 
 
 def active():
-    """Whether callers should use these gradients now: enabled, and not while tracing a
-    function that XLA will compile (jit_compile=True)."""
-    return ENABLED and not control_flow_util.GraphOrParentsInXlaContext(
-        tf.compat.v1.get_default_graph())
+    """Whether callers should use these gradients now: the TensorFlow backend, enabled,
+    and not while tracing a function that XLA will compile (jit_compile=True)."""
+    if not ENABLED or keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+    from tensorflow.python.ops import control_flow_util
+
+    return not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 def spatial_std(flat):
     """Per-channel std over axis 1 (ddof=1) of ``flat`` (B, positions, C) -> (B, C); a
     channel that is constant gets std 0 and gradient 0."""
+    import tensorflow as tf
+
     positions = flat.shape[1]
 
     @tf.custom_gradient
@@ -76,6 +82,8 @@ def batch_norm_leaky_relu(z, gamma, beta, epsilon, slope):
     ``tf.nn.moments``, ``tf.nn.batch_normalization`` and ``tf.nn.leaky_relu``, so h is
     bitwise what Keras's BatchNormalization + LeakyReLU give.
     """
+    import tensorflow as tf
+
     if not 0.0 < slope < 1.0:
         raise ValueError(f"batch_norm_leaky_relu needs 0 < slope < 1, got {slope}")
     axes = list(range(len(z.shape) - 1))

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_local import tf_gradients
+
 
 @keras.saving.register_keras_serializable(package="keras_local")
 class TorchBatchNormalization(keras.layers.BatchNormalization):
@@ -78,10 +80,6 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
     def fuses_leaky_relu(self, inputs):
         """Whether ``leaky_relu_training`` applies: TensorFlow outside XLA, float32,
         scale and centre, normalising the last axis."""
-        if keras.backend.backend() != "tensorflow":
-            return False
-        from keras_local import tf_gradients
-
         axis = self.axis if self.axis >= 0 else self.axis + len(inputs.shape)
         return (tf_gradients.active() and self.trainable and self.center and self.scale
                 and self.compute_dtype == "float32" and inputs.dtype == "float32"
@@ -91,9 +89,7 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
         """LeakyReLU(self(inputs, training=True)) with a gradient that reads only the
         output (``keras_local.tf_gradients.batch_norm_leaky_relu``): the BatchNorm input
         need not stay alive until the backward pass. Check ``fuses_leaky_relu`` first."""
-        from keras_local.tf_gradients import batch_norm_leaky_relu
-
-        outputs, mean, variance = batch_norm_leaky_relu(
+        outputs, mean, variance = tf_gradients.batch_norm_leaky_relu(
             inputs, ops.cast(self.gamma, inputs.dtype), ops.cast(self.beta, inputs.dtype),
             self.epsilon, negative_slope)
         self._assign_moving_statistics(mean, self._unbiased(inputs, variance))
