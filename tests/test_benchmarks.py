@@ -22,8 +22,8 @@ def run_script(name, *args):
 
 # throughput.py --quick times 4 configurations (predsim/backprop x XLA update/none) and
 # checks XLA against the plain step; memory.py --quick runs a subprocess per mode. Each
-# took over 2 minutes on 2 busy cores: slow (pytest -m slow). The default run keeps
-# accuracy.py and inference.py end to end and throughput.py's MAC counting.
+# took over 2 minutes on 2 busy cores: slow (pytest -m slow), like the accuracy.py and
+# inference.py runs below. The default run keeps throughput.py's MAC counting and the plot.
 @pytest.mark.slow
 def test_throughput_quick(tmp_path):
     out = tmp_path / "throughput.json"
