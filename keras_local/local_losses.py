@@ -14,7 +14,8 @@ from typing import Callable
 @dataclasses.dataclass(frozen=True)
 class LocalLossInputs:
     """What a local loss may read: the block's heads, its input, h (its activation before
-    dropout), the one-hot labels, beta, and the block itself (for any further option)."""
+    dropout), the one-hot labels, beta, the block itself (for any further option), and
+    the heads' summaries of h where the block computed them (``summary``)."""
 
     heads: dict
     inputs: object
@@ -22,6 +23,12 @@ class LocalLossInputs:
     labels_onehot: object
     beta: float
     block: object = None
+    summaries: dict = None
+
+    def summary(self, head):
+        """What ``head`` reads of h, computed already (None: the head reads h itself):
+        "pred": the pooled map, "sim": the rows of S (``losses.similarity_rows``)."""
+        return (self.summaries or {}).get(head)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,13 +75,13 @@ def get_local_loss(name):
 
 @register_local_loss("pred", heads=("pred",))
 def _pred(x):
-    loss, scores = x.heads["pred"].loss_and_scores(x.h, x.labels_onehot)
+    loss, scores = x.heads["pred"].loss_and_scores(x.h, x.labels_onehot, x.summary("pred"))
     return {"loss": loss, "pred_loss": loss, "scores": scores}
 
 
 @register_local_loss("sim", heads=("sim",))
 def _sim(x):
-    loss = x.heads["sim"].loss(x.h, x.labels_onehot)
+    loss = x.heads["sim"].loss(x.h, x.labels_onehot, x.summary("sim"))
     return {"loss": loss, "sim_loss": loss}
 
 
@@ -82,8 +89,8 @@ def _sim(x):
 def _predsim(x):
     from keras_local.losses import predsim_loss  # Keras maths; imported when training
 
-    pred, scores = x.heads["pred"].loss_and_scores(x.h, x.labels_onehot)
-    sim = x.heads["sim"].loss(x.h, x.labels_onehot)
+    pred, scores = x.heads["pred"].loss_and_scores(x.h, x.labels_onehot, x.summary("pred"))
+    sim = x.heads["sim"].loss(x.h, x.labels_onehot, x.summary("sim"))
     return {"loss": predsim_loss(pred, sim, x.beta), "pred_loss": pred, "sim_loss": sim,
             "scores": scores}
 

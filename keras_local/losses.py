@@ -37,12 +37,21 @@ def similarity_matrix(x, use_std=True):
     ``--no-similarity-std``); everything else is flattened. Rows are centred, divided
     by (1e-8 + their L2 norm), and S = X Xᵀ is clipped to [-1, 1].
     """
+    return similarity_of_rows(similarity_rows(x, use_std))
+
+
+def similarity_rows(x, use_std=True):
+    """The rows that ``similarity_matrix`` compares, (B, D): the per-channel spatial std
+    of a feature map (see ``similarity_matrix``), or ``x`` flattened."""
     x = ops.cast(x, "float32")
     if use_std and len(x.shape) == 4 and x.shape[-1] > 3 and x.shape[1] > 1:
-        z = spatial_std(x)
-    else:
-        z = ops.reshape(x, (ops.shape(x)[0], -1))
-    z = z - ops.mean(z, axis=1, keepdims=True)
+        return spatial_std(x)
+    return ops.reshape(x, (ops.shape(x)[0], -1))
+
+
+def similarity_of_rows(rows):
+    """S of ``similarity_rows``' output: rows centred and L2-normalised, products clipped."""
+    z = rows - ops.mean(rows, axis=1, keepdims=True)
     norm = ops.sqrt(ops.sum(ops.square(z), axis=1, keepdims=True))
     z = z / (NORM_EPSILON + norm)
     return ops.clip(ops.matmul(z, ops.transpose(z)), -1.0, 1.0)
@@ -53,8 +62,13 @@ def sim_loss(features, targets, use_std=True):
 
     The target similarity carries no gradient.
     """
+    return sim_loss_of_rows(similarity_rows(features, use_std), targets, use_std)
+
+
+def sim_loss_of_rows(feature_rows, targets, use_std=True):
+    """``sim_loss`` from the features' ``similarity_rows``, computed already."""
     target_similarity = ops.stop_gradient(similarity_matrix(targets, use_std))
-    return ops.mean(ops.square(similarity_matrix(features, use_std) - target_similarity))
+    return ops.mean(ops.square(similarity_of_rows(feature_rows) - target_similarity))
 
 
 def pred_loss(logits, labels_onehot):

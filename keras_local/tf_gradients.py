@@ -51,27 +51,42 @@ def spatial_std(flat):
     channel that is constant gets std 0 and gradient 0."""
     import tensorflow as tf
 
-    positions = flat.shape[1]
-
     @tf.custom_gradient
     def std_over_positions(flat):
-        mean = tf.reduce_mean(flat, axis=1, keepdims=True)
-        variance = tf.reduce_sum(tf.math.squared_difference(flat, mean), axis=1) / (positions - 1)
-        positive = variance > 0
-        std = tf.where(positive, tf.sqrt(tf.where(positive, variance, tf.ones_like(variance))),
-                       tf.zeros_like(variance))
+        std = std_forward(flat)
 
         def gradient(dstd):
-            # d std / d x = (x - mean) / ((positions - 1) * std)
-            scale = tf.where(positive, dstd / (tf.where(positive, std, tf.ones_like(std))
-                                               * (positions - 1)), tf.zeros_like(std))
             with tf.control_dependencies([dstd]):  # not before the backward pass gets here
-                centred = flat - mean
-            return centred * scale[:, None, :]
+                return std_gradient(flat, std, dstd)
 
         return std, gradient
 
     return std_over_positions(flat)
+
+
+def std_forward(flat):
+    """The std of ``spatial_std`` (no custom gradient)."""
+    import tensorflow as tf
+
+    positions = flat.shape[1]
+    mean = tf.reduce_mean(flat, axis=1, keepdims=True)
+    variance = tf.reduce_sum(tf.math.squared_difference(flat, mean), axis=1) / (positions - 1)
+    positive = variance > 0
+    return tf.where(positive, tf.sqrt(tf.where(positive, variance, tf.ones_like(variance))),
+                    tf.zeros_like(variance))
+
+
+def std_gradient(flat, std, dstd):
+    """The gradient of ``std_forward`` for ``flat`` given its output ``std`` and the
+    output's gradient: (x - mean) / ((positions - 1) * std), 0 where std is 0."""
+    import tensorflow as tf
+
+    positions = flat.shape[1]
+    positive = std > 0
+    scale = tf.where(positive, dstd / (tf.where(positive, std, tf.ones_like(std))
+                                       * (positions - 1)), tf.zeros_like(std))
+    centred = flat - tf.reduce_mean(flat, axis=1, keepdims=True)
+    return centred * scale[:, None, :]
 
 
 def batch_norm_leaky_relu(z, gamma, beta, epsilon, slope):
@@ -95,30 +110,18 @@ def batch_norm_leaky_relu(z, gamma, beta, epsilon, slope):
         y = tf.nn.batch_normalization(z, mean, variance, beta, gamma, epsilon)
         h = tf.nn.leaky_relu(y, alpha=slope)
         stats["mean"], stats["variance"] = mean, variance
-        # Channels whose x_hat cannot be rebuilt accurately from h keep their input.
-        exact = (tf.abs(gamma) > GAMMA_BETA_RATIO * tf.abs(beta)) & (tf.abs(gamma) > GAMMA_FLOOR)
-        kept = tf.cast(tf.reshape(tf.where(tf.logical_not(exact)), [-1]), tf.int32)
+        kept = kept_channels(gamma, beta)
         kept_z = tf.gather(z, kept, axis=-1)  # (..., 0) in the usual case: no memory
         count = tf.cast(tf.size(z) // tf.size(gamma), z.dtype)
 
         def gradient(dh):
             dy = tf.raw_ops.LeakyReluGrad(gradients=dh, features=h, alpha=slope)
             rsqrt = tf.math.rsqrt(variance + epsilon)
-            # LeakyReLU's inverse: min(h, h / slope) for 0 < slope < 1. It depends only on
-            # forward tensors: without the control edge TensorFlow computes it as soon as h
-            # exists, and the map lives through the whole forward pass of the heads.
+            # x_hat depends only on forward tensors: without the control edge TensorFlow
+            # computes it as soon as h exists, and the map lives through the whole forward
+            # pass of the heads.
             with tf.control_dependencies([dy]):
-                x_hat = (tf.minimum(h, h / slope) - beta) / gamma
-
-            def with_kept_channels():
-                kept_x_hat = (kept_z - tf.gather(mean, kept)) * tf.gather(rsqrt, kept)
-                channels = tf.size(gamma)
-                source = tf.tensor_scatter_nd_update(
-                    tf.range(channels), kept[:, None],
-                    channels + tf.range(tf.size(kept), dtype=kept.dtype))
-                return tf.gather(tf.concat([x_hat, kept_x_hat], axis=-1), source, axis=-1)
-
-            x_hat = tf.cond(tf.size(kept) > 0, with_kept_channels, lambda: x_hat)
+                x_hat = x_hat_from_output(h, slope, gamma, beta, kept, kept_z, mean, rsqrt)
             dbeta = tf.reduce_sum(dy, axes)
             dgamma = tf.reduce_sum(dy * x_hat, axes)
             dz = (gamma * rsqrt) * (dy - dbeta / count - x_hat * (dgamma / count))
@@ -128,3 +131,32 @@ def batch_norm_leaky_relu(z, gamma, beta, epsilon, slope):
 
     h = forward(z, gamma, beta)
     return h, tf.stop_gradient(stats["mean"]), tf.stop_gradient(stats["variance"])
+
+
+def kept_channels(gamma, beta):
+    """Indices of the channels whose x_hat cannot be rebuilt accurately from the output
+    (``x_hat_from_output``); they keep their BatchNorm input instead."""
+    import tensorflow as tf
+
+    exact = (tf.abs(gamma) > GAMMA_BETA_RATIO * tf.abs(beta)) & (tf.abs(gamma) > GAMMA_FLOOR)
+    return tf.cast(tf.reshape(tf.where(tf.logical_not(exact)), [-1]), tf.int32)
+
+
+def x_hat_from_output(h, slope, gamma, beta, kept, kept_z, mean, rsqrt):
+    """BatchNorm's normalised input x_hat, rebuilt from h = LeakyReLU(gamma x_hat + beta):
+    LeakyReLU's inverse is min(h, h / slope) for 0 < slope < 1. The ``kept`` channels
+    (``kept_channels``) come from their BatchNorm input ``kept_z`` (h's shape, those
+    channels only) instead."""
+    import tensorflow as tf
+
+    x_hat = (tf.minimum(h, h / slope) - beta) / gamma
+
+    def with_kept_channels():
+        kept_x_hat = (kept_z - tf.gather(mean, kept)) * tf.gather(rsqrt, kept)
+        channels = tf.size(gamma)
+        source = tf.tensor_scatter_nd_update(
+            tf.range(channels), kept[:, None],
+            channels + tf.range(tf.size(kept), dtype=kept.dtype))
+        return tf.gather(tf.concat([x_hat, kept_x_hat], axis=-1), source, axis=-1)
+
+    return tf.cond(tf.size(kept) > 0, with_kept_channels, lambda: x_hat)

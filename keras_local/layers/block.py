@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_local import tf_chunked_block
 from keras_local.layers.batch_norm import TorchBatchNormalization
 from keras_local.layers.feedback import LabelProjection
 from keras_local.layers.heads import PredHead, ReconstructionHead, SimHead, torch_bias_initializer
@@ -199,18 +200,25 @@ class LocalBlock(keras.layers.Layer):
     def call(self, inputs, training=None, labels=None, dropout=True):
         """``dropout=False``: return h without the block's dropout (the update rule then
         applies ``self.dropout`` itself after the block's gradients)."""
-        h = self.features(inputs, training=training)
+        summaries = None
+        if labels is not None and self.has_heads and training and tf_chunked_block.applies(
+                self, inputs):
+            h, summaries = tf_chunked_block.block_forward(self, inputs)
+        else:
+            h = self.features(inputs, training=training)
         if labels is not None and self.has_heads:
-            self.add_loss(self.local_loss(inputs, h, labels))
+            self.add_loss(self.local_loss(inputs, h, labels, summaries))
         if dropout and self.dropout is not None:
             h = self.dropout(h, training=training)
         return h
 
-    def local_loss(self, inputs, h, labels_onehot):
-        """This block's local loss on h (``inputs``: the block's input); updates the
-        block's metrics (every declared term, and the local-head error)."""
+    def local_loss(self, inputs, h, labels_onehot, summaries=None):
+        """This block's local loss on h (``inputs``: the block's input; ``summaries``: what
+        the heads read of h, computed already); updates the block's metrics (every
+        declared term, and the local-head error)."""
         loss_inputs = LocalLossInputs(heads=self.heads, inputs=inputs, h=h,
-                                      labels_onehot=labels_onehot, beta=self.beta, block=self)
+                                      labels_onehot=labels_onehot, beta=self.beta, block=self,
+                                      summaries=summaries)
         terms = self.local_loss_spec.compute(loss_inputs)
         loss = terms["loss"]
         if self.unsup_loss_spec is not None:

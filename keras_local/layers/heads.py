@@ -7,7 +7,7 @@ import numpy as np
 from keras import ops
 
 from keras_local.layers.feedback import FeedbackAlignmentDense
-from keras_local.losses import binary_pred_loss, pred_loss, sim_loss
+from keras_local.losses import binary_pred_loss, pred_loss, sim_loss, sim_loss_of_rows
 
 
 def torch_kernel_initializer(seed=None):
@@ -56,6 +56,7 @@ class DecoderPooling(keras.layers.Layer):
         super().__init__(**kwargs)
         self.dim_in_decoder = dim_in_decoder
         self.geometry = None
+        self.input_size = None  # (height, width) of a feature map input
 
     def build(self, input_shape):
         if len(input_shape) == 4:
@@ -63,6 +64,7 @@ class DecoderPooling(keras.layers.Layer):
             if height != width:
                 raise ValueError(f"pred-head pooling needs square feature maps, got {input_shape}")
             self.geometry = decoder_pool_geometry(channels, height, self.dim_in_decoder)
+            self.input_size = (height, width)
 
     def call(self, h):
         if self.geometry is None or self.geometry[:2] == (1, 1):
@@ -79,6 +81,20 @@ class DecoderPooling(keras.layers.Layer):
         h = ops.matmul(ops.cast(rows, h.dtype)[None],
                        ops.reshape(h, (-1, height, out_w * channels)))
         return ops.reshape(h, (-1, out_h, out_w, channels))
+
+    def transpose(self, pooled):
+        """The adjoint of ``call``: the gradient with respect to h of
+        sum(call(h) * pooled), a map of h's shape (``pooled``: of the output's)."""
+        if self.geometry is None or self.geometry[:2] == (1, 1):
+            return pooled
+        _, out_h, out_w, channels = pooled.shape
+        height, width = self.input_size
+        rows, cols = self.pooling_matrices(height, width)
+        g = ops.matmul(ops.cast(rows.T, pooled.dtype)[None],
+                       ops.reshape(pooled, (-1, out_h, out_w * channels)))
+        g = ops.matmul(ops.cast(cols.T, pooled.dtype)[None],
+                       ops.reshape(g, (-1, out_w, channels)))
+        return ops.reshape(g, (-1, height, width, channels))
 
     def pooling_matrices(self, height, width):
         """(P_rows (out_h, height), P_cols (out_w, width)): P[i, x] = 1 / kernel when input
@@ -144,9 +160,13 @@ class PredHead(keras.layers.Layer):
         pooled = self.pool(h)
         return self.dense(ops.reshape(pooled, (ops.shape(pooled)[0], -1)))
 
-    def loss_and_scores(self, h, labels_onehot):
-        """(local pred loss, class scores for the local-head error)."""
-        logits = self(h)
+    def loss_and_scores(self, h, labels_onehot, summary=None):
+        """(local pred loss, class scores for the local-head error). ``summary``: the
+        pooled map ``self.pool(h)``, computed already (h is then not read)."""
+        if summary is None:
+            logits = self(h)
+        else:
+            logits = self.dense(ops.reshape(summary, (ops.shape(summary)[0], -1)))
         if self.projection is None:
             return pred_loss(logits, labels_onehot), logits
         targets = self.projection.binary_targets(labels_onehot)
@@ -198,8 +218,12 @@ class SimHead(keras.layers.Layer):
     def call(self, h):
         return self.transform(h)
 
-    def loss(self, h, labels_onehot):
+    def loss(self, h, labels_onehot, summary=None):
+        """``summary``: the ``similarity_rows`` of ``self(h)``, computed already (h is then
+        not read)."""
         targets = labels_onehot if self.projection is None else self.projection(labels_onehot)
+        if summary is not None:
+            return sim_loss_of_rows(summary, targets, self.similarity_std)
         return sim_loss(self(h), targets, self.similarity_std)
 
     def input_similarity_loss(self, h, inputs):

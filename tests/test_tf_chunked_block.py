@@ -1,0 +1,121 @@
+"""A conv block trained through keras_local.tf_chunked_block (its backward pass in batch
+chunks) against TensorFlow's autodiff of the plain layers: losses, gradients w.r.t. the
+weights and the input, and BatchNorm's moving statistics."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_local import tf_chunked_block, tf_gradients
+from keras_local.layers.block import LocalBlock
+
+pytestmark = pytest.mark.tensorflow_only
+
+
+def make_block(rng, loss="predsim", channels=12, gamma_near_zero=False, **options):
+    options = {"nonlin": "leakyrelu", "dim_in_decoder": 64, "seed": 5, **options}
+    block = LocalBlock("conv", channels, 4, local_loss=loss, **options)
+    block.build((None, 8, 8, 3))
+    # Weights away from their initial values (gamma 1, beta 0, zero pred head).
+    for v in block.trainable_variables:
+        v.assign(v + rng.normal(0, 0.2, size=v.shape).astype("float32"))
+    if gamma_near_zero:  # these channels keep their BatchNorm input (tf_gradients)
+        gamma = block.bn.gamma.numpy()
+        gamma[:3] = [0.0, 1e-9, 1e-3]
+        block.bn.gamma.assign(gamma)
+    return block
+
+
+def run_block(block, x, labels, output_weight):
+    """Loss, and gradients w.r.t. the block's weights and input, of the block's local
+    loss plus sum(h * output_weight) (a gradient arriving from above the block)."""
+
+    @tf.function
+    def run(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            h = block(x, training=True, labels=labels, dropout=False)
+            loss = block.losses[0] + tf.reduce_sum(h * output_weight)
+        return loss, tape.gradient(loss, block.trainable_variables + [x])
+
+    loss, grads = run(x)
+    stats = [block.bn.moving_mean.numpy(), block.bn.moving_variance.numpy()]
+    block.bn.moving_mean.assign(np.zeros(block.width, "float32"))
+    block.bn.moving_variance.assign(np.ones(block.width, "float32"))
+    return float(loss), [g.numpy() for g in grads], stats
+
+
+def compare_with_autodiff(block, batch, rng, monkeypatch, from_above=0.0):
+    x = tf.constant(rng.normal(size=(batch, 8, 8, 3)).astype("float32"))
+    labels = tf.one_hot(rng.integers(0, 4, batch), 4)
+    output_weight = tf.constant(from_above * rng.normal(size=(1, 8, 8, block.width)),
+                                dtype="float32")
+    assert tf_chunked_block.applies(block, x)
+    chunked = run_block(block, x, labels, output_weight)
+    monkeypatch.setattr(tf_gradients, "ENABLED", False)
+    assert not tf_chunked_block.applies(block, x)
+    plain = run_block(block, x, labels, output_weight)
+    np.testing.assert_allclose(chunked[0], plain[0], rtol=1e-6)
+    names = [v.path for v in block.trainable_variables] + ["input"]
+    kernel_scale = None
+    for name, got, expected in zip(names, chunked[1], plain[1]):
+        assert np.all(np.isfinite(got)), name
+        scale = np.max(np.abs(expected))
+        if name.endswith("encoder/kernel"):
+            kernel_scale = scale
+        if name.endswith("encoder/bias"):
+            # BatchNorm removes the encoder bias: its gradient is 0 up to rounding
+            # (~1e-8), compared on the scale of the kernel's.
+            scale = kernel_scale
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * scale, err_msg=name)
+    for got, expected in zip(chunked[2], plain[2]):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss", ["predsim", "pred", "sim"])
+def test_chunked_gradients_match_autodiff(loss, rng, monkeypatch):
+    monkeypatch.setattr(tf_chunked_block, "CHUNK_BYTES", 1)  # MAX_CHUNKS chunks
+    compare_with_autodiff(make_block(rng, loss), 11, rng, monkeypatch)  # 2,2,2,1,1,1,1,1
+
+
+def test_chunked_gradients_with_a_gradient_from_above(rng, monkeypatch):
+    monkeypatch.setattr(tf_chunked_block, "CHUNK_BYTES", 1)
+    compare_with_autodiff(make_block(rng, use_bias=False), 9, rng, monkeypatch,
+                          from_above=0.5)
+
+
+def test_chunked_gradients_with_kept_channels_and_empty_chunks(rng, monkeypatch):
+    """Batch 5 in MAX_CHUNKS (8) chunks: three are empty. Channels with gamma ~ 0 take
+    x_hat from their kept BatchNorm input."""
+    monkeypatch.setattr(tf_chunked_block, "CHUNK_BYTES", 1)
+    compare_with_autodiff(make_block(rng, gamma_near_zero=True), 5, rng, monkeypatch)
+
+
+def test_one_chunk_without_pooling(rng, monkeypatch):
+    """dim_in_decoder above the map's size: the pred head reads h itself."""
+    block = make_block(rng, dim_in_decoder=4096)
+    assert block.heads["pred"].pool.geometry[:2] == (1, 1)
+    compare_with_autodiff(block, 6, rng, monkeypatch)
+
+
+@pytest.mark.parametrize("options", [
+    {"nonlin": "relu"},  # x_hat cannot be rebuilt from ReLU's output
+    {"batch_norm": False},
+    {"strides": 2},
+    {"bio": True},
+    {"similarity_std": False},
+    {"local_loss": "predsim", "unsup_loss": "unsup_sim", "alpha": 0.5},
+])
+def test_other_blocks_take_the_autodiff_path(options, rng):
+    options = {"local_loss": "predsim", **options}
+    loss = options.pop("local_loss")
+    block = make_block(rng, loss, **options)
+    assert not tf_chunked_block.applies(block, tf.zeros((2, 8, 8, 3)))
+
+
+def test_chunk_count():
+    mib = 2**20
+    assert tf_chunked_block.chunk_count(128, 256 * 32 * 32 * 4) == 8  # 128 MiB
+    assert tf_chunked_block.chunk_count(128, 64 * 32 * 32 * 4) == 2  # 32 MiB
+    assert tf_chunked_block.chunk_count(None, mib // 128) == 1  # unknown batch: 128
+    assert tf_chunked_block.chunk_count(8, 1) == 1
