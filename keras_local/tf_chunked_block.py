@@ -23,15 +23,12 @@ outside XLA (``tf_gradients.active``), training with labels, and the common bloc
 (conv 'same' stride 1, BatchNorm, LeakyReLU, pred/sim/predsim heads, not bio).
 """
 
-import math
-
 from keras_local import tf_gradients
 
-# Chunks of at most this many bytes per full-size map (and at most MAX_CHUNKS chunks),
-# for the traced batch size or, where it is unknown, ASSUMED_BATCH examples.
-CHUNK_BYTES = 16 * 2**20
-MAX_CHUNKS = 8
-ASSUMED_BATCH = 128
+# The backward pass's chunks (empty ones where the batch is smaller). Fewer chunks for
+# blocks with small maps measured higher peaks, not lower (vgg13, 32x32x3, batch 128: 113
+# MiB with 8 chunks in every block, 173 with chunks of at most 4 MiB, 203 with 2 MiB).
+CHUNKS = 8
 SUPPORTED_LOSSES = ("pred", "sim", "predsim")
 
 
@@ -50,11 +47,6 @@ def applies(block, inputs):
     return True
 
 
-def chunk_count(batch, per_example_bytes):
-    batch = batch or ASSUMED_BATCH
-    return max(1, min(MAX_CHUNKS, math.ceil(batch * per_example_bytes / CHUNK_BYTES)))
-
-
 def block_forward(block, inputs):
     """(h, summaries) of ``block`` in training mode on ``inputs``: h = LeakyReLU(BatchNorm(
     conv(inputs))), the BatchNorm moving statistics updated, and summaries {"pred": the
@@ -65,9 +57,7 @@ def block_forward(block, inputs):
     pred, sim = block.heads.get("pred"), block.heads.get("sim")
     slope = float(block.activation.negative_slope)
     epsilon = bn.epsilon
-    _, height, width, _ = inputs.shape
-    channels = max(inputs.shape[-1], block.width)
-    chunks = chunk_count(inputs.shape[0], height * width * channels * 4)
+    chunks = CHUNKS
     names = ["x", "kernel", "gamma", "beta"]
     args = [inputs, tf.convert_to_tensor(encoder.kernel), tf.convert_to_tensor(bn.gamma),
             tf.convert_to_tensor(bn.beta)]

@@ -72,22 +72,20 @@ def compare_with_autodiff(block, batch, rng, monkeypatch, from_above=0.0):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("loss", ["predsim", "pred", "sim"])
+@pytest.mark.parametrize("loss", ["predsim", pytest.param("pred", marks=pytest.mark.slow),
+                                  pytest.param("sim", marks=pytest.mark.slow)])
 def test_chunked_gradients_match_autodiff(loss, rng, monkeypatch):
-    monkeypatch.setattr(tf_chunked_block, "CHUNK_BYTES", 1)  # MAX_CHUNKS chunks
-    compare_with_autodiff(make_block(rng, loss), 11, rng, monkeypatch)  # 2,2,2,1,1,1,1,1
+    compare_with_autodiff(make_block(rng, loss), 11, rng, monkeypatch)  # chunks 2,2,2,1,...
 
 
 def test_chunked_gradients_with_a_gradient_from_above(rng, monkeypatch):
-    monkeypatch.setattr(tf_chunked_block, "CHUNK_BYTES", 1)
     compare_with_autodiff(make_block(rng, use_bias=False), 9, rng, monkeypatch,
                           from_above=0.5)
 
 
 def test_chunked_gradients_with_kept_channels_and_empty_chunks(rng, monkeypatch):
-    """Batch 5 in MAX_CHUNKS (8) chunks: three are empty. Channels with gamma ~ 0 take
+    """Batch 5 in 8 chunks: three are empty. Channels with gamma ~ 0 take
     x_hat from their kept BatchNorm input."""
-    monkeypatch.setattr(tf_chunked_block, "CHUNK_BYTES", 1)
     compare_with_autodiff(make_block(rng, gamma_near_zero=True), 5, rng, monkeypatch)
 
 
@@ -111,11 +109,3 @@ def test_other_blocks_take_the_autodiff_path(options, rng):
     loss = options.pop("local_loss")
     block = make_block(rng, loss, **options)
     assert not tf_chunked_block.applies(block, tf.zeros((2, 8, 8, 3)))
-
-
-def test_chunk_count():
-    mib = 2**20
-    assert tf_chunked_block.chunk_count(128, 256 * 32 * 32 * 4) == 8  # 128 MiB
-    assert tf_chunked_block.chunk_count(128, 64 * 32 * 32 * 4) == 2  # 32 MiB
-    assert tf_chunked_block.chunk_count(None, mib // 128) == 1  # unknown batch: 128
-    assert tf_chunked_block.chunk_count(8, 1) == 1
