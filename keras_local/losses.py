@@ -44,9 +44,15 @@ def similarity_rows(x, use_std=True):
     """The rows that ``similarity_matrix`` compares, (B, D): the per-channel spatial std
     of a feature map (see ``similarity_matrix``), or ``x`` flattened."""
     x = ops.cast(x, "float32")
-    if use_std and len(x.shape) == 4 and x.shape[-1] > 3 and x.shape[1] > 1:
+    if uses_spatial_std(x.shape, use_std):
         return spatial_std(x)
     return ops.reshape(x, (ops.shape(x)[0], -1))
+
+
+def uses_spatial_std(shape, use_std=True):
+    """Whether ``similarity_rows`` reduces an input of ``shape`` to its spatial std: a
+    feature map with more than 3 channels and spatial size above 1, and ``use_std``."""
+    return use_std and len(shape) == 4 and shape[-1] > 3 and shape[1] > 1
 
 
 def similarity_of_rows(rows):

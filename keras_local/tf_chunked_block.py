@@ -24,6 +24,7 @@ outside XLA (``tf_gradients.active``), training with labels, and the common bloc
 """
 
 from keras_local import tf_gradients
+from keras_local.losses import uses_spatial_std
 
 # The backward pass's chunks (empty ones where the batch is smaller). Fewer chunks for
 # blocks with small maps measured higher peaks, not lower (vgg13, 32x32x3, batch 128: 113
@@ -41,9 +42,9 @@ def applies(block, inputs):
             and None not in tuple(inputs.shape[1:])
             and block.bn.fuses_leaky_relu(inputs)):
         return False
-    if "sim" in block.heads:  # S reads the spatial std, not the flattened map
+    if "sim" in block.heads:  # S must read the sim map's spatial std, not the map itself
         _, height, width, _ = inputs.shape
-        return block.similarity_std and block.width > 3 and height > 1
+        return uses_spatial_std((None, height, width, block.width), block.similarity_std)
     return True
 
 
@@ -57,7 +58,6 @@ def block_forward(block, inputs):
     pred, sim = block.heads.get("pred"), block.heads.get("sim")
     slope = float(block.activation.negative_slope)
     epsilon = bn.epsilon
-    chunks = CHUNKS
     names = ["x", "kernel", "gamma", "beta"]
     args = [inputs, tf.convert_to_tensor(encoder.kernel), tf.convert_to_tensor(bn.gamma),
             tf.convert_to_tensor(bn.beta)]
@@ -71,7 +71,7 @@ def block_forward(block, inputs):
 
     def split(t):
         batch = tf.shape(t)[0]
-        return tf.split(t, (batch + chunks - 1 - tf.range(chunks)) // chunks, num=chunks)
+        return tf.split(t, (batch + CHUNKS - 1 - tf.range(CHUNKS)) // CHUNKS, num=CHUNKS)
 
     def conv_input_gradient(like, kernel, gradient):
         return tf.compat.v1.nn.conv2d_backprop_input(
@@ -101,7 +101,8 @@ def block_forward(block, inputs):
             outputs.append(pred.pool(h))
         if sim is not None:
             sim_maps = [tf.nn.conv2d(part, w["sim_kernel"], 1, "SAME") for part in h_chunks]
-            stds = [tf_gradients.std_forward(_positions(part)) for part in sim_maps]
+            stds, sim_means = zip(*[tf_gradients.std_forward(_positions(part))
+                                    for part in sim_maps])
             outputs.append(tf.concat(stds, axis=0))
 
         def gradient(*upstream):
@@ -119,7 +120,7 @@ def block_forward(block, inputs):
             # Pass 1: dy per chunk and BatchNorm's reductions.
             dys, beta_sums, gamma_sums, sim_kernel_grads = [], [], [], []
             after = [g for g in upstream.values() if g is not None]
-            for index in range(chunks):
+            for index in range(CHUNKS):
                 with tf.control_dependencies(after):
                     terms = []
                     if "h" in split_upstream:
@@ -129,7 +130,7 @@ def block_forward(block, inputs):
                     if "sim" in split_upstream:
                         flat = _positions(sim_maps[index])
                         dmap = tf.reshape(tf_gradients.std_gradient(
-                            flat, stds[index], split_upstream["sim"][index]),
+                            flat, sim_means[index], stds[index], split_upstream["sim"][index]),
                             tf.shape(sim_maps[index]))
                         terms.append(conv_input_gradient(h_chunks[index], w["sim_kernel"], dmap))
                         sim_kernel_grads.append(
@@ -147,7 +148,7 @@ def block_forward(block, inputs):
             x_chunks = split(w["x"])
             kernel_grads, bias_grads, input_grads = [], [], []
             after = [dbeta, dgamma]
-            for index in range(chunks):
+            for index in range(CHUNKS):
                 with tf.control_dependencies(after):
                     dz = (w["gamma"] * rsqrt) * (dys[index] - dbeta / count
                                                  - x_hat(index) * (dgamma / count))

@@ -53,11 +53,11 @@ def spatial_std(flat):
 
     @tf.custom_gradient
     def std_over_positions(flat):
-        std = std_forward(flat)
+        std, mean = std_forward(flat)
 
         def gradient(dstd):
             with tf.control_dependencies([dstd]):  # not before the backward pass gets here
-                return std_gradient(flat, std, dstd)
+                return std_gradient(flat, mean, std, dstd)
 
         return std, gradient
 
@@ -65,28 +65,28 @@ def spatial_std(flat):
 
 
 def std_forward(flat):
-    """The std of ``spatial_std`` (no custom gradient)."""
+    """(std, mean over axis 1) of ``spatial_std``'s input (no custom gradient)."""
     import tensorflow as tf
 
     positions = flat.shape[1]
     mean = tf.reduce_mean(flat, axis=1, keepdims=True)
     variance = tf.reduce_sum(tf.math.squared_difference(flat, mean), axis=1) / (positions - 1)
     positive = variance > 0
-    return tf.where(positive, tf.sqrt(tf.where(positive, variance, tf.ones_like(variance))),
-                    tf.zeros_like(variance))
+    std = tf.where(positive, tf.sqrt(tf.where(positive, variance, tf.ones_like(variance))),
+                   tf.zeros_like(variance))
+    return std, mean
 
 
-def std_gradient(flat, std, dstd):
-    """The gradient of ``std_forward`` for ``flat`` given its output ``std`` and the
-    output's gradient: (x - mean) / ((positions - 1) * std), 0 where std is 0."""
+def std_gradient(flat, mean, std, dstd):
+    """The gradient of ``std_forward``'s std for ``flat`` given its outputs and the std's
+    gradient: (x - mean) / ((positions - 1) * std), 0 where std is 0."""
     import tensorflow as tf
 
     positions = flat.shape[1]
     positive = std > 0
     scale = tf.where(positive, dstd / (tf.where(positive, std, tf.ones_like(std))
                                        * (positions - 1)), tf.zeros_like(std))
-    centred = flat - tf.reduce_mean(flat, axis=1, keepdims=True)
-    return centred * scale[:, None, :]
+    return (flat - mean) * scale[:, None, :]
 
 
 def batch_norm_leaky_relu(z, gamma, beta, epsilon, slope):
