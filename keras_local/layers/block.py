@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_local import tf_chunked_block
 from keras_local.layers.batch_norm import TorchBatchNormalization
+from keras_local.layers.dropout import Dropout
 from keras_local.layers.feedback import LabelProjection
 from keras_local.layers.heads import PredHead, ReconstructionHead, SimHead, torch_bias_initializer
 from keras_local.layers.heads import torch_kernel_initializer
@@ -113,7 +114,7 @@ class LocalBlock(keras.layers.Layer):
             self.activation = keras.layers.ReLU(dtype=policy, name=f"{self.name}_act")
         self.dropout = None
         if dropout > 0:
-            dropout_cls = keras.layers.SpatialDropout2D if kind == "conv" else keras.layers.Dropout
+            dropout_cls = keras.layers.SpatialDropout2D if kind == "conv" else Dropout
             self.dropout = dropout_cls(dropout, seed=part_seed(seed, "dropout"), dtype=policy,
                                        name=f"{self.name}_dropout")
 

@@ -23,6 +23,7 @@ it only outside backprop mode, except for its "none" stems, see models/resnet.py
 import keras
 
 from keras_local.layers.block import LocalBlock
+from keras_local.layers.dropout import Dropout
 
 ROLES = ("plain", "first", "middle", "last")
 ORDERS = ("post", "pre", "none")
@@ -83,7 +84,7 @@ class ResidualConv(LocalBlock):
                 name=f"{self.name}_shortcut")
         self.output_dropout = None
         if output_dropout > 0:
-            self.output_dropout = keras.layers.Dropout(
+            self.output_dropout = Dropout(
                 output_dropout, seed=None if self.seed is None else self.seed + 5, dtype=policy,
                 name=f"{self.name}_output_dropout")
 
