@@ -24,6 +24,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_json import write_json  # noqa: E402
+
 CSV_FIELDS = ("mode", "epoch", "lr", "train_loss", "train_error", "test_loss", "test_error",
               "epoch_seconds")
 MODES = ("predsim", "backprop")
@@ -195,8 +198,7 @@ def main(argv=None):
               "lr_decay_milestones": args.lr_decay_milestones, "dropout": args.dropout,
               "nonlin": args.nonlin, "modes": summary,
               "files": {"csv": csv_path, "png": png_path}}
-    with open(json_path, "w") as stream:
-        json.dump(result, stream, indent=2)
+    write_json(json_path, result)
 
     print()
     print(f"{'mode':<10}{'epochs':>7}{'final test error %':>20}{'best test error %':>19}"

@@ -34,6 +34,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_json import write_json  # noqa: E402
 from throughput import hardware  # noqa: E402
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,12 +141,7 @@ def main(argv=None):
                "keras_local_epoch1_seconds": ours_first,
                "keras_local_later_epoch_seconds": ours_later,
                "ratio": ref / later}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    partial = args.json + ".partial"
-    with open(partial, "w") as stream:
-        json.dump(payload, stream, indent=2)
-    os.replace(partial, args.json)
-    print(f"wrote {args.json}")
+    write_json(args.json, payload)
     return 0
 
 

@@ -21,12 +21,14 @@ median over timed windows at the largest batch. Prints a table, writes JSON.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_json import write_json  # noqa: E402
 
 MODELS = {
     "mlp": ("mlp", "fashion_mnist", dict(num_layers=3, num_hidden=1024)),
@@ -168,11 +170,7 @@ def main(argv=None):
                "load_average_after": load_after, "onnx_bytes": sizes,
                "latency_batch": latency_batch, "throughput_batches": throughput_batches,
                "results": rows}
-    if os.path.dirname(args.json):
-        os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as stream:
-        json.dump(payload, stream, indent=2)
-    print(f"wrote {args.json}")
+    write_json(args.json, payload)
     return 0
 
 

@@ -38,6 +38,9 @@ import tempfile
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_json import write_json  # noqa: E402
+
 MODELS = ("vgg8b", "vgg11b", "vgg13", "vgg16", "vgg19", "resnet18", "wresnet16-4")
 DEFAULT_MODELS = MODELS[:5]
 MODES = ("predsim", "backprop")
@@ -289,11 +292,7 @@ def main(argv=None):
     payload = {"device": device, "method": method, "xla": args.xla,
                "batch_size": args.batch_size, "image_size": args.image_size,
                "recipe": RECIPE, "results": results, "summary": summary}
-    if os.path.dirname(args.json):
-        os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as stream:
-        json.dump(payload, stream, indent=2)
-    print(f"wrote {args.json}")
+    write_json(args.json, payload)
     if args.plot:
         if os.path.dirname(args.plot):
             os.makedirs(os.path.dirname(args.plot), exist_ok=True)

@@ -12,12 +12,12 @@ process (TensorFlow allocator statistics). Prints a Markdown table, writes JSON.
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_json import write_json  # noqa: E402
 
 ROWS = ("every", "4", "2", "1", "backprop")
 
@@ -75,10 +75,8 @@ def main(argv=None):
     for r in results:
         print(f"| {r['K']} | {r['segments']} | {r['images_per_s']:.1f} | "
               f"{r['peak_above_baseline_mib']:.0f} |")
-    with open(args.json, "w") as stream:
-        json.dump({"options": vars(args), "load_average_before": load_before,
-                   "load_average_after": load_after, "results": results}, stream, indent=2)
-    print(f"wrote {args.json}")
+    write_json(args.json, {"options": vars(args), "load_average_before": load_before,
+                           "load_average_after": load_after, "results": results})
     return 0
 
 

@@ -3,6 +3,8 @@
     python benchmarks/scaling.py            # 2 rounds of 7 rows: about 5 minutes
     python benchmarks/scaling.py --quick    # the 4 main rows, a few steps each: a smoke test
 
+Writes docs/scaling.json (``--json``; --quick: the temp dir).
+
 Rows (each in a fresh process, since logical devices and thread pools are fixed when
 TensorFlow starts):
 
@@ -31,7 +33,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_json import cpu_model, write_json  # noqa: E402
 
 ROWS = [
     # name, devices, mode, intra-op threads per device, XLA, in --quick
@@ -121,6 +127,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed windows; best is kept")
     parser.add_argument("--rounds", type=int, default=2,
                         help="run the whole list this many times, keep each row's best")
+    parser.add_argument("--json", default=None,
+                        help="result file (default docs/scaling.json; --quick: the temp dir)")
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     # Many short timed windows, best kept: on cores shared with other jobs the best
@@ -161,6 +169,18 @@ def main(argv=None):
               f"{best[name]['cores_used']:10.2f}")
     load_after = os.getloadavg()
     print("load average after: " + " ".join(f"{v:.2f}" for v in load_after))
+    default_json = (os.path.join(tempfile.gettempdir(), "keras_local_scaling.json") if args.quick
+                    else os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                                      "docs", "scaling.json"))
+    results = [dict(best[name], configuration=name, devices=devices, intra_op_threads=intra,
+                    xla=xla, vs_one_device=best[name]["images_per_s"] / baseline)
+               for name, devices, mode, intra, xla, _ in rows]
+    write_json(args.json or default_json, {
+        "command": " ".join(["python", "benchmarks/scaling.py"] + sys.argv[1:]),
+        "cpu_cores": os.cpu_count(), "cpu": cpu_model(), "batch_per_replica": BATCH,
+        "rounds": rounds, "repeats": args.repeats, "steps": args.steps,
+        "load_average_before": load_before, "load_average_after": load_after,
+        "results": results})
 
 
 if __name__ == "__main__":

@@ -48,11 +48,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report_json import cpu_model, write_json  # noqa: E402
 
 # name -> (builder, input shape, recipe options); the recipes of REFERENCE.md section 5.
 MODELS = {
@@ -213,11 +215,7 @@ def main_side_by_side(args):
                "load_average_after": load_after, "reference_folder": args.reference,
                "command": " ".join(["python", "benchmarks/throughput.py"] + sys.argv[1:]),
                "rounds": args.rounds, "windows": args.windows, "results": results}
-    if os.path.dirname(args.json):
-        os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as stream:
-        json.dump(payload, stream, indent=2)
-    print(f"wrote {args.json}")
+    write_json(args.json, payload)
     return 0
 
 
@@ -522,15 +520,7 @@ def check_backend(backend):
 
 
 def hardware():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as stream:
-            for line in stream:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     gpus, onednn = [], None
     try:
         import tensorflow as tf
@@ -627,11 +617,7 @@ def main(argv=None):
                            "precision": args.precision, "backend": args.backend,
                            "windows": args.windows, "quick": args.quick},
                "results": results, "ratios": rows, "xla_checks": checks}
-    if os.path.dirname(args.json):
-        os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as stream:
-        json.dump(payload, stream, indent=2)
-    print(f"wrote {args.json}")
+    write_json(args.json, payload)
     return 0
 
 

@@ -135,3 +135,16 @@ def test_inference_quick(tmp_path):
     assert runners == {"onnxruntime", "keras predict", "keras predict_on_batch", "keras call"}
     assert {r["batch"] for r in payload["results"]} == {1, 16}
     assert all(r["median_ms"] > 0 for r in payload["results"])
+
+
+@pytest.mark.slow
+def test_scaling_quick_writes_its_table(tmp_path):
+    out = tmp_path / "scaling.json"
+    stdout = run_script("scaling.py", "--quick", "--json", str(out))
+    assert "pipeline, 2 devices" in stdout and "vs one device" in stdout
+    payload = json.loads(out.read_text())
+    rows = {r["configuration"]: r for r in payload["results"]}
+    assert set(rows) == {"one device", "mirrored, 2 devices", "pipeline, 2 devices",
+                         "pipeline, 4 devices"}
+    assert rows["one device"]["vs_one_device"] == 1.0
+    assert all(r["images_per_s"] > 0 for r in rows.values()) and payload["cpu"]
