@@ -170,8 +170,8 @@ def main(argv=None):
     load_after = os.getloadavg()
     print("load average after: " + " ".join(f"{v:.2f}" for v in load_after))
     default_json = (os.path.join(tempfile.gettempdir(), "keras_local_scaling.json") if args.quick
-                    else os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
-                                      "docs", "scaling.json"))
+                    else os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                       os.pardir, "docs", "scaling.json")))
     results = [dict(best[name], configuration=name, devices=devices, intra_op_threads=intra,
                     xla=xla, vs_one_device=best[name]["images_per_s"] / baseline)
                for name, devices, mode, intra, xla, _ in rows]
