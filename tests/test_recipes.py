@@ -10,7 +10,6 @@ import pytest
 from keras_local.recipes import RECIPES, apply_recipe, find_recipe, get_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 def train_module():
@@ -95,12 +94,10 @@ def test_list_recipes_cli():
 
 
 @pytest.mark.slow  # a train.py run on the full Fashion-MNIST files; CI runs it
-def test_fashion_mnist_mlp_recipe_trains_one_epoch(tmp_path):
-    if not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
-        pytest.skip(f"{FASHION_MNIST_DIR} absent (apt-get install dataset-fashion-mnist)")
+def test_fashion_mnist_mlp_recipe_trains_one_epoch(tmp_path, fashion_mnist_dir):
     code = train_module().main([
         "--recipe", "fashion_mnist-mlp-predsim", "--epochs", "1", "--num-hidden", "64",
-        "--max-train-examples", "512", "--data-dir", FASHION_MNIST_DIR,
+        "--max-train-examples", "512", "--data-dir", fashion_mnist_dir,
         "--save-dir", str(tmp_path), "--no-export", "--quiet"])
     assert code == 0
     (run_dir,) = tmp_path.iterdir()
