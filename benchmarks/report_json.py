@@ -1,19 +1,16 @@
 """What every benchmark script's JSON result needs: the CPU's name, an atomic write."""
 
-import json
 import os
 import platform
 
+from keras_local.json_files import write_json_atomically
+
 
 def write_json(path, payload):
-    """Write ``payload`` to ``path`` through a temporary name (never a half-written file)
-    and print where it went."""
+    """``write_json_atomically`` into a folder made if needed; prints where it went."""
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = path + ".partial"
-    with open(partial, "w") as stream:
-        json.dump(payload, stream, indent=2)
-    os.replace(partial, path)
+    write_json_atomically(path, payload)
     print(f"wrote {path}")
 
 

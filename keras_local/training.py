@@ -23,6 +23,7 @@ import warnings
 
 import keras
 
+from keras_local.json_files import write_json_atomically
 from keras_local.models import list_models
 from keras_local.callbacks import (
     AtomicCheckpoint,
@@ -130,13 +131,6 @@ def create_run_dir(config, shared=False):
         except FileExistsError:
             suffix += 1
             path = f"{base}-{suffix}"
-
-
-def write_json_atomically(path, payload):
-    temporary = path + ".tmp"
-    with open(temporary, "w") as stream:
-        json.dump(payload, stream, indent=2, sort_keys=True)
-    os.replace(temporary, path)
 
 
 @dataclasses.dataclass
