@@ -199,11 +199,12 @@ def _rounding_only_paths(config, weight_diff):
             if path.startswith("block_") and path.endswith("_encoder/bias")}
 
 
+@pytest.mark.slow  # a JAX and a torch worker process (.ci/backends runs it)
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 @pytest.mark.parametrize("name", ["vgg6a-adam", "vgg6a-bio-sgd"])
 def test_one_step_weights_load_on_this_backend(parity_results, backend, name):
     """Weights trained on JAX / torch load into a model built here (the TensorFlow one
-    in the default run, which is what export needs): same weight layout."""
+    under pytest -m slow, which is what export needs): same weight layout."""
     import keras_local as kl
 
     _, weights = _case_results(parity_results, backend, name)

@@ -110,9 +110,11 @@ def test_plugin_option_makes_a_loss_selectable(tmp_path):
     with open(os.path.join(run_dir, "history.csv")) as stream:
         header = next(csv.reader(stream))
     assert "block_1_sim_loss" in header and "block_1_pred_loss" not in header
-    missing = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--plugin", "no_such_plugin_mod"],
-        capture_output=True, text=True, env=ENV, timeout=120)
-    assert missing.returncode == 2
-    assert "cannot import plugin 'no_such_plugin_mod'" in missing.stderr
-    assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_missing_plugin_is_a_one_line_error(tmp_path, capsys):
+    save_dir = tmp_path / "runs"
+    assert train_main([*TINY, "--plugin", "no_such_plugin_mod", "--save-dir", str(save_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot import plugin 'no_such_plugin_mod'" in err and len(err.splitlines()) == 1, err
+    assert not save_dir.exists()
