@@ -23,6 +23,9 @@ itself and the plain expressions are used): callers ask ``active()``, which any 
 may import (TensorFlow is imported only on the TensorFlow backend).
 """
 
+import contextlib
+import contextvars
+
 import keras
 
 # x_hat = (y - beta) / gamma loses about |beta / gamma| ulps of y to rounding; channels
@@ -31,14 +34,25 @@ import keras
 GAMMA_BETA_RATIO = 0.1
 GAMMA_FLOOR = 1e-6
 
-# False: every caller takes the plain autodiff path (the tests compare both).
-ENABLED = True
+_PLAIN_AUTODIFF = contextvars.ContextVar("keras_local_plain_autodiff", default=False)
+
+
+@contextlib.contextmanager
+def plain_autodiff():
+    """Within this block every caller takes the plain autodiff path (for comparing the
+    two; a function traced here keeps that path when it runs later)."""
+    token = _PLAIN_AUTODIFF.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN_AUTODIFF.reset(token)
 
 
 def active():
-    """Whether callers should use these gradients now: the TensorFlow backend, enabled,
-    and not while tracing a function that XLA will compile (jit_compile=True)."""
-    if not ENABLED or keras.backend.backend() != "tensorflow":
+    """Whether callers should use these gradients now: the TensorFlow backend, outside
+    ``plain_autodiff()``, and not while tracing a function that XLA will compile
+    (jit_compile=True)."""
+    if _PLAIN_AUTODIFF.get() or keras.backend.backend() != "tensorflow":
         return False
     import tensorflow as tf
     from tensorflow.python.ops import control_flow_util

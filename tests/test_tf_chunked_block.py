@@ -45,16 +45,16 @@ def run_block(block, x, labels, output_weight):
     return float(loss), [g.numpy() for g in grads], stats
 
 
-def compare_with_autodiff(block, batch, rng, monkeypatch, from_above=0.0):
+def compare_with_autodiff(block, batch, rng, from_above=0.0):
     x = tf.constant(rng.normal(size=(batch, 8, 8, 3)).astype("float32"))
     labels = tf.one_hot(rng.integers(0, 4, batch), 4)
     output_weight = tf.constant(from_above * rng.normal(size=(1, 8, 8, block.width)),
                                 dtype="float32")
     assert tf_chunked_block.applies(block, x)
     chunked = run_block(block, x, labels, output_weight)
-    monkeypatch.setattr(tf_gradients, "ENABLED", False)
-    assert not tf_chunked_block.applies(block, x)
-    plain = run_block(block, x, labels, output_weight)
+    with tf_gradients.plain_autodiff():
+        assert not tf_chunked_block.applies(block, x)
+        plain = run_block(block, x, labels, output_weight)
     np.testing.assert_allclose(chunked[0], plain[0], rtol=1e-6)
     names = [v.path for v in block.trainable_variables] + ["input"]
     kernel_scale = None
@@ -74,26 +74,26 @@ def compare_with_autodiff(block, batch, rng, monkeypatch, from_above=0.0):
 
 @pytest.mark.parametrize("loss", ["predsim", pytest.param("pred", marks=pytest.mark.slow),
                                   pytest.param("sim", marks=pytest.mark.slow)])
-def test_chunked_gradients_match_autodiff(loss, rng, monkeypatch):
-    compare_with_autodiff(make_block(rng, loss), 11, rng, monkeypatch)  # chunks 2,2,2,1,...
+def test_chunked_gradients_match_autodiff(loss, rng):
+    compare_with_autodiff(make_block(rng, loss), 11, rng)  # chunks 2,2,2,1,...
 
 
-def test_chunked_gradients_with_a_gradient_from_above(rng, monkeypatch):
-    compare_with_autodiff(make_block(rng, use_bias=False), 9, rng, monkeypatch,
+def test_chunked_gradients_with_a_gradient_from_above(rng):
+    compare_with_autodiff(make_block(rng, use_bias=False), 9, rng,
                           from_above=0.5)
 
 
-def test_chunked_gradients_with_kept_channels_and_empty_chunks(rng, monkeypatch):
+def test_chunked_gradients_with_kept_channels_and_empty_chunks(rng):
     """Batch 5 in 8 chunks: three are empty. Channels with gamma ~ 0 take
     x_hat from their kept BatchNorm input."""
-    compare_with_autodiff(make_block(rng, gamma_near_zero=True), 5, rng, monkeypatch)
+    compare_with_autodiff(make_block(rng, gamma_near_zero=True), 5, rng)
 
 
-def test_one_chunk_without_pooling(rng, monkeypatch):
+def test_one_chunk_without_pooling(rng):
     """dim_in_decoder above the map's size: the pred head reads h itself."""
     block = make_block(rng, dim_in_decoder=4096)
     assert block.heads["pred"].pool.geometry[:2] == (1, 1)
-    compare_with_autodiff(block, 6, rng, monkeypatch)
+    compare_with_autodiff(block, 6, rng)
 
 
 @pytest.mark.parametrize("options", [

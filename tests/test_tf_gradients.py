@@ -20,15 +20,12 @@ EPSILON = 1e-5
 
 
 @pytest.fixture
-def plain_gradients(monkeypatch):
-    """``plain_gradients(fn, *args)``: ``fn(*args)`` with tf_gradients disabled."""
+def plain_gradients():
+    """``plain_gradients(fn, *args)``: ``fn(*args)`` with tf_gradients off."""
 
     def run(fn, *args):
-        monkeypatch.setattr(tf_gradients, "ENABLED", False)
-        try:
+        with tf_gradients.plain_autodiff():
             return fn(*args)
-        finally:
-            monkeypatch.setattr(tf_gradients, "ENABLED", True)
 
     return run
 
@@ -194,3 +191,10 @@ def test_xla_traces_take_the_plain_path():
 
     assert tf_gradients.active()
     assert not inside().numpy()
+
+
+def test_plain_autodiff_turns_the_custom_gradients_off_inside_its_block_only():
+    assert tf_gradients.active()
+    with tf_gradients.plain_autodiff():
+        assert not tf_gradients.active()
+    assert tf_gradients.active()
