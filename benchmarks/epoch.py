@@ -25,7 +25,6 @@ the load average. Writes JSON (``--json``, default docs/epoch.json).
 
 import argparse
 import csv
-import json
 import os
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report_json import write_json  # noqa: E402
+from report_json import tagged_json, write_json  # noqa: E402
 from throughput import hardware  # noqa: E402
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,11 +76,7 @@ def reference_epoch(folder):
     harness = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_epoch.py")
     done = subprocess.run([python, "-u", harness, *REFERENCE_FLAGS], cwd=folder,
                           capture_output=True, text=True)
-    for line in done.stdout.splitlines():
-        if line.startswith("EPOCH_JSON "):
-            return json.loads(line[len("EPOCH_JSON "):])
-    raise RuntimeError(f"reference epoch failed (exit {done.returncode}):\n"
-                       f"{done.stderr[-2000:]}")
+    return tagged_json(done, "EPOCH_JSON", "reference epoch")
 
 
 def keras_local_epochs(args):

@@ -39,7 +39,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report_json import write_json  # noqa: E402
+from report_json import tagged_json, write_json  # noqa: E402
 
 MODELS = ("vgg8b", "vgg11b", "vgg13", "vgg16", "vgg19", "resnet18", "wresnet16-4")
 DEFAULT_MODELS = MODELS[:5]
@@ -211,11 +211,7 @@ def measure(model_name, mode, args):
                TF_CPU_ALLOCATOR_USE_BFC="true",
                MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
     done = subprocess.run(command, env=env, capture_output=True, text=True)
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"{model_name} {mode} failed (exit {done.returncode}):\n"
-                       f"{done.stderr[-3000:]}")
+    return tagged_json(done, "RESULT", f"{model_name} {mode}")
 
 
 def plot(results, path, title):

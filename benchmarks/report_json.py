@@ -1,9 +1,21 @@
-"""What every benchmark script's JSON result needs: the CPU's name, an atomic write."""
+"""What every benchmark script's JSON results need: a child process's result line, the
+CPU's name, an atomic write."""
 
+import json
 import os
 import platform
 
 from keras_local.json_files import write_json_atomically
+
+
+def tagged_json(done, tag, what):
+    """The JSON after ``tag`` on the last stdout line of the finished process ``done``
+    (``subprocess.run``'s result) that starts with it. RuntimeError naming ``what``, with
+    the end of its stderr, where the process printed no such line."""
+    lines = [line for line in done.stdout.splitlines() if line.startswith(tag + " ")]
+    if not lines:
+        raise RuntimeError(f"{what} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len(tag) + 1:])
 
 
 def write_json(path, payload):

@@ -37,7 +37,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report_json import cpu_model, write_json  # noqa: E402
+from report_json import cpu_model, tagged_json, write_json  # noqa: E402
 
 ROWS = [
     # name, devices, mode, intra-op threads per device, XLA, in --quick
@@ -113,10 +113,10 @@ def run_row(row, args):
     env.pop("TF_CONFIG", None)
     proc = subprocess.run(command, capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"row {name!r} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    try:
+        return tagged_json(proc, "RESULT", f"row {name!r}")
+    except RuntimeError as error:
+        raise SystemExit(str(error)) from None
 
 
 def main(argv=None):

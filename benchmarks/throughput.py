@@ -45,7 +45,6 @@ docs/side_by_side.json; --quick: the temp dir).
 """
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -54,7 +53,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report_json import cpu_model, write_json  # noqa: E402
+from report_json import cpu_model, tagged_json, write_json  # noqa: E402
 
 # name -> (builder, input shape, recipe options); the recipes of REFERENCE.md section 5.
 MODELS = {
@@ -159,11 +158,7 @@ def run_reference(name, mode, args):
     if mode == "backprop":
         command.append("--backprop")
     done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
-    for line in done.stdout.splitlines():
-        if line.startswith("BENCH_JSON "):
-            return json.loads(line[len("BENCH_JSON "):])
-    raise RuntimeError(f"reference {name} {mode} failed (exit {done.returncode}): "
-                       f"{' '.join(command)}\n{done.stderr[-2000:]}")
+    return tagged_json(done, "BENCH_JSON", f"reference {name} {mode} ({' '.join(command)})")
 
 
 def side_by_side(name, mode, args):

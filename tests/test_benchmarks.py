@@ -148,3 +148,18 @@ def test_scaling_quick_writes_its_table(tmp_path):
                          "pipeline, 4 devices"}
     assert rows["one device"]["vs_one_device"] == 1.0
     assert all(r["images_per_s"] > 0 for r in rows.values()) and payload["cpu"]
+
+
+def test_tagged_json_reads_the_last_result_line_and_names_a_failure():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from report_json import tagged_json
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    done = subprocess.CompletedProcess(
+        [], 0, stdout='log\nRESULT {"a": 1}\nRESULTS x\nRESULT {"a": 2}\n', stderr="")
+    assert tagged_json(done, "RESULT", "row") == {"a": 2}
+    crashed = subprocess.CompletedProcess([], -11, stdout="RESULTS {}\n",
+                                          stderr="...Segmentation fault")
+    with pytest.raises(RuntimeError, match=r"row 'mlp' failed \(exit -11\):\n\.\.\.Segmentation"):
+        tagged_json(crashed, "RESULT", "row 'mlp'")
