@@ -8,12 +8,13 @@ import platform
 from keras_local.json_files import write_json_atomically
 
 
-def tagged_json(done, tag, what):
+def tagged_json(done, tag, what, require_exit_zero=False):
     """The JSON after ``tag`` on the last stdout line of the finished process ``done``
     (``subprocess.run``'s result) that starts with it. RuntimeError naming ``what``, with
-    the end of its stderr, where the process printed no such line."""
+    the end of its stderr, where the process printed no such line (or, with
+    ``require_exit_zero``, exited with another code)."""
     lines = [line for line in done.stdout.splitlines() if line.startswith(tag + " ")]
-    if not lines:
+    if not lines or (require_exit_zero and done.returncode != 0):
         raise RuntimeError(f"{what} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(lines[-1][len(tag) + 1:])
 

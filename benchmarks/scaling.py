@@ -114,7 +114,7 @@ def run_row(row, args):
     proc = subprocess.run(command, capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        return tagged_json(proc, "RESULT", f"row {name!r}")
+        return tagged_json(proc, "RESULT", f"row {name!r}", require_exit_zero=True)
     except RuntimeError as error:
         raise SystemExit(str(error)) from None
 

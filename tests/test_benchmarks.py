@@ -163,3 +163,8 @@ def test_tagged_json_reads_the_last_result_line_and_names_a_failure():
                                           stderr="...Segmentation fault")
     with pytest.raises(RuntimeError, match=r"row 'mlp' failed \(exit -11\):\n\.\.\.Segmentation"):
         tagged_json(crashed, "RESULT", "row 'mlp'")
+    printed_then_crashed = subprocess.CompletedProcess([], 1, stdout='RESULT {"a": 3}\n',
+                                                       stderr="Traceback")
+    assert tagged_json(printed_then_crashed, "RESULT", "row") == {"a": 3}
+    with pytest.raises(RuntimeError, match=r"row failed \(exit 1\):\nTraceback"):
+        tagged_json(printed_then_crashed, "RESULT", "row", require_exit_zero=True)
