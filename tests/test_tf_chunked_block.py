@@ -109,3 +109,19 @@ def test_other_blocks_take_the_autodiff_path(options, rng):
     loss = options.pop("local_loss")
     block = make_block(rng, loss, **options)
     assert not tf_chunked_block.applies(block, tf.zeros((2, 8, 8, 3)))
+
+
+@pytest.mark.parametrize("kernel_shape", [(3, 3, 5, 7), (5, 3, 4, 2), (2, 2, 3, 3), (1, 1, 6, 4)])
+def test_conv_input_gradient_matches_tensorflows(kernel_shape, rng):
+    """Odd kernels take the turned-kernel forward convolution, even ones TensorFlow's
+    backward-input op; both must equal the gradient TensorFlow computes."""
+    kernel = tf.constant(rng.normal(size=kernel_shape).astype("float32"))
+    x = tf.constant(rng.normal(size=(3, 7, 6, kernel_shape[2])).astype("float32"))
+    dy = tf.constant(rng.normal(size=(3, 7, 6, kernel_shape[3])).astype("float32"))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = tf.nn.conv2d(x, kernel, 1, "SAME")
+    expected = tape.gradient(y, x, output_gradients=dy).numpy()
+    got = tf_chunked_block.conv_input_gradient(kernel)(x, dy).numpy()
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.max(np.abs(expected)))
