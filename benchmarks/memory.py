@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Peak memory of one training step, local predsim vs backprop, against depth.
 
-    python benchmarks/memory.py                   # vgg8b vgg11b vgg13 vgg16 vgg19
+    python benchmarks/memory.py                   # vgg8b ... vgg19, resnet18, wresnet16-4
     python benchmarks/memory.py --xla step        # the whole step under XLA, for comparison
     python benchmarks/memory.py --quick           # seconds (tests): vgg8b on 16x16x3
 
@@ -26,7 +26,8 @@ millisecond, with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors go back to 
 kernel. The JSON also records the process's RSS after build and its overall peak RSS.
 
 Prints a table (peak above baseline, MiB, both modes, local/backprop ratio), writes JSON
-(``--json``) and a PNG bar chart of both modes per model, in order of depth (``--plot``).
+(``--json``) and a PNG bar chart of both modes per model, in the order of ``--models``
+(``--plot``).
 """
 
 import argparse
@@ -42,7 +43,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report_json import tagged_json, write_json  # noqa: E402
 
 MODELS = ("vgg8b", "vgg11b", "vgg13", "vgg16", "vgg19", "resnet18", "wresnet16-4")
-DEFAULT_MODELS = MODELS[:5]
 MODES = ("predsim", "backprop")
 RECIPE = dict(dropout=0.2, nonlin="leakyrelu", dim_in_decoder=2048)
 MIB = 1024 * 1024
@@ -51,7 +51,7 @@ MIB = 1024 * 1024
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=MODELS)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--feat-mult", type=float, default=1.0, help="channel multiplier")
     p.add_argument("--modules", type=int, default=None,
                    help="group the local layers into K modules (default: every layer)")
@@ -215,17 +215,17 @@ def measure(model_name, mode, args):
 
 
 def plot(results, path, title):
-    """Grouped bars per model (in order of depth): peak above baseline, both modes,
-    with the predsim/backprop ratio above each pair."""
+    """Grouped bars per model (in the order measured; by default the VGGs by depth, then
+    the ResNets): peak above baseline, both modes, with the predsim/backprop ratio above
+    each pair."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted(dict.fromkeys(r["model"] for r in results),
-                    key=lambda m: next(r["conv_layers"] for r in results if r["model"] == m))
+    models = list(dict.fromkeys(r["model"] for r in results))
     value = {(r["model"], r["mode"]): r["peak_above_baseline_mib"] for r in results}
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(models)), 4.2))
     width = 0.38
     for offset, mode, colour in ((-width / 2, "predsim", "tab:blue"),
                                  (width / 2, "backprop", "tab:orange")):
@@ -266,7 +266,7 @@ def main(argv=None):
             print(f"  {model_name} {mode}: {r['peak_above_baseline_mib']:.0f} MiB",
                   file=sys.stderr, flush=True)
 
-    print(f"{'model':<8}{'conv layers':>12}{'predsim MiB':>13}{'backprop MiB':>14}"
+    print(f"{'model':<12}{'conv layers':>12}{'predsim MiB':>13}{'backprop MiB':>14}"
           f"{'predsim/backprop':>18}")
     summary = []
     for model_name in args.models:
@@ -279,7 +279,7 @@ def main(argv=None):
         summary.append({"model": model_name, "conv_layers": layers, **{
             f"{mode}_mib": value for mode, value in by_mode.items()}, "ratio": ratio})
         cells = [f"{by_mode[m]:.0f}" if m in by_mode else "-" for m in MODES]
-        print(f"{model_name:<8}{layers:>12}{cells[0]:>13}{cells[1]:>14}"
+        print(f"{model_name:<12}{layers:>12}{cells[0]:>13}{cells[1]:>14}"
               f"{'-' if ratio is None else f'{ratio:.2f}':>18}")
     device, method = results[0]["device"], results[0]["method"]
     print(f"peak above the baseline after build + 2 steps; {device}, {method}, batch "
