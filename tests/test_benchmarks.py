@@ -84,7 +84,7 @@ def test_step_macs_count_heads_and_similarity():
 def test_memory_quick(tmp_path):
     out = tmp_path / "memory.json"
     stdout = run_script("memory.py", "--quick", "--json", str(out))
-    assert "model    conv layers  predsim MiB  backprop MiB  predsim/backprop" in stdout
+    assert "model        conv layers  predsim MiB  backprop MiB  predsim/backprop" in stdout
     payload = json.loads(out.read_text())
     assert {"device", "method", "results", "summary", "xla"} <= set(payload)
     assert {(r["model"], r["mode"]) for r in payload["results"]} == {
