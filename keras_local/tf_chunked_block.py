@@ -23,7 +23,7 @@ outside XLA (``tf_gradients.active``), training with labels, and the common bloc
 (conv 'same' stride 1, BatchNorm, LeakyReLU, pred/sim/predsim heads, not bio).
 """
 
-from keras_local import tf_gradients
+from keras_local import tf_gradients, tf_winograd
 from keras_local.losses import uses_spatial_std
 
 # The backward pass's chunks (empty ones where the batch is smaller). Fewer chunks for
@@ -73,14 +73,10 @@ def block_forward(block, inputs):
         batch = tf.shape(t)[0]
         return tf.split(t, (batch + CHUNKS - 1 - tf.range(CHUNKS)) // CHUNKS, num=CHUNKS)
 
-    def conv_filter_gradient(inputs, kernel, gradient):
-        return tf.compat.v1.nn.conv2d_backprop_filter(
-            inputs, tf.shape(kernel), gradient, [1, 1, 1, 1], "SAME")
-
     @tf.custom_gradient
     def forward(*values):
         w = dict(zip(names, values))
-        z = tf.nn.conv2d(w["x"], w["kernel"], 1, "SAME")
+        z = conv(w["x"], w["kernel"])
         if "bias" in w:
             z = tf.nn.bias_add(z, w["bias"])
         y, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(
@@ -96,7 +92,7 @@ def block_forward(block, inputs):
         if pred is not None:
             outputs.append(pred.pool(h))
         if sim is not None:
-            sim_maps = [tf.nn.conv2d(part, w["sim_kernel"], 1, "SAME") for part in h_chunks]
+            sim_maps = [conv(part, w["sim_kernel"]) for part in h_chunks]
             stds, sim_means = zip(*[tf_gradients.std_forward(_positions(part))
                                     for part in sim_maps])
             outputs.append(tf.concat(stds, axis=0))
@@ -180,6 +176,26 @@ def block_forward(block, inputs):
     return h, summaries
 
 
+def conv(x, kernel):
+    """``tf.nn.conv2d(x, kernel, 1, "SAME")``, by Winograd where ``tf_winograd.pays``."""
+    import tensorflow as tf
+
+    if tf_winograd.pays(x.shape, kernel.shape):
+        return tf_winograd.conv(x, kernel)
+    return tf.nn.conv2d(x, kernel, 1, "SAME")
+
+
+def conv_filter_gradient(x, kernel, gradient):
+    """The gradient with respect to ``kernel`` of ``conv(x, kernel)``, given the gradient
+    of its output."""
+    import tensorflow as tf
+
+    if tf_winograd.pays(x.shape, kernel.shape):
+        return tf_winograd.filter_gradient(x, gradient)
+    return tf.compat.v1.nn.conv2d_backprop_filter(
+        x, tf.shape(kernel), gradient, [1, 1, 1, 1], "SAME")
+
+
 def conv_input_gradient(kernel):
     """``f(like, gradient)``: the gradient with respect to the input (shaped like ``like``)
     of a stride-1 'SAME' convolution with ``kernel``, given the gradient of its output.
@@ -195,7 +211,7 @@ def conv_input_gradient(kernel):
     height, width = kernel.shape[0], kernel.shape[1]
     if height % 2 and width % 2:
         turned = tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
-        return lambda like, gradient: tf.nn.conv2d(gradient, turned, 1, "SAME")
+        return lambda like, gradient: conv(gradient, turned)
     return lambda like, gradient: tf.compat.v1.nn.conv2d_backprop_input(
         tf.shape(like), kernel, gradient, [1, 1, 1, 1], "SAME")
 

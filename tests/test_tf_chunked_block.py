@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_local import tf_chunked_block, tf_gradients
+from keras_local import tf_chunked_block, tf_gradients, tf_winograd
 from keras_local.layers.block import LocalBlock
 
 pytestmark = pytest.mark.tensorflow_only
 
 
-def make_block(rng, loss="predsim", channels=12, gamma_near_zero=False, **options):
+def make_block(rng, loss="predsim", channels=12, gamma_near_zero=False, size=8,
+               **options):
     options = {"nonlin": "leakyrelu", "dim_in_decoder": 64, "seed": 5, **options}
     block = LocalBlock("conv", channels, 4, local_loss=loss, **options)
-    block.build((None, 8, 8, 3))
+    block.build((None, size, size, 3))
     # Weights away from their initial values (gamma 1, beta 0, zero pred head).
     for v in block.trainable_variables:
         v.assign(v + rng.normal(0, 0.2, size=v.shape).astype("float32"))
@@ -45,10 +46,10 @@ def run_block(block, x, labels, output_weight):
     return float(loss), [g.numpy() for g in grads], stats
 
 
-def compare_with_autodiff(block, batch, rng, from_above=0.0):
-    x = tf.constant(rng.normal(size=(batch, 8, 8, 3)).astype("float32"))
+def compare_with_autodiff(block, batch, rng, from_above=0.0, size=8):
+    x = tf.constant(rng.normal(size=(batch, size, size, 3)).astype("float32"))
     labels = tf.one_hot(rng.integers(0, 4, batch), 4)
-    output_weight = tf.constant(from_above * rng.normal(size=(1, 8, 8, block.width)),
+    output_weight = tf.constant(from_above * rng.normal(size=(1, size, size, block.width)),
                                 dtype="float32")
     assert tf_chunked_block.applies(block, x)
     chunked = run_block(block, x, labels, output_weight)
@@ -94,6 +95,14 @@ def test_one_chunk_without_pooling(rng):
     block = make_block(rng, dim_in_decoder=4096)
     assert block.heads["pred"].pool.geometry[:2] == (1, 1)
     compare_with_autodiff(block, 6, rng)
+
+
+def test_chunked_gradients_with_winograd_sim_convolutions(rng):
+    """128 channels on 14x14 maps: the sim head's convolution, its input and filter
+    gradients go through tf_winograd (the encoder's, with 3 input channels, do not)."""
+    block = make_block(rng, channels=128, size=14, dim_in_decoder=2048)
+    assert tf_winograd.pays((None, 14, 14, 128), block.heads["sim"].transform.kernel.shape)
+    compare_with_autodiff(block, 5, rng, from_above=0.5, size=14)
 
 
 @pytest.mark.parametrize("options", [

@@ -1,0 +1,183 @@
+"""3x3 stride-1 'SAME' convolutions and their filter gradients by Winograd's F(2x2, 3x3)
+(Lavin & Gray 2016), for TensorFlow on CPUs.
+
+Each 2x2 output tile is read from a 4x4 input tile; in the transformed domain the 3x3
+convolution becomes 16 independent products [tiles, C] x [C, C_out], 2.25 times fewer
+multiplications than the direct convolution. oneDNN's direct kernels ran at 120-140 GFLOP/s
+on this project's 2-core AVX2 machines; the 16 products run near that rate, and the
+transforms (additions on strided slices) cost less than the products saved. One chunk of
+16 examples (`benchmarks/winograd.py`): forward 28x28x256 122 -> 95 ms, 14x14x512 128 -> 88
+ms; filter gradient 149 -> 110 and 161 -> 105 ms. On maps of odd size the tiles overhang
+and the direct kernel won (7x7x512: 33 vs 52 ms), so ``pays`` keeps those on oneDNN.
+
+Results equal the direct convolution's to float32 rounding (relative 1e-6, tests/
+test_winograd.py). The transforms hold 4 copies of a group's input and output; a call walks
+its batch in groups of at most ``GROUP_BYTES`` per copy, one after the other, so that a
+call's temporaries stay small next to the chunked block's maps.
+"""
+
+import contextlib
+import contextvars
+
+GROUP_BYTES = 16 * 2**20
+_DISABLED = contextvars.ContextVar("keras_local_winograd_disabled", default=False)
+
+# G of F(2x2, 3x3): the kernel transform U = G g G^T.
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block ``pays`` is False: the direct kernels (for comparisons)."""
+    token = _DISABLED.set(True)
+    try:
+        yield
+    finally:
+        _DISABLED.reset(token)
+
+
+def pays(input_shape, kernel_shape):
+    """Whether the Winograd path is used for a stride-1 'SAME' convolution of a batch of
+    ``input_shape`` (B, H, W, C) with a kernel of ``kernel_shape``: a 3x3 kernel, maps of
+    even size at least 14x14, at least 128 channels in and out, and no GPU (cuDNN has its
+    own Winograd kernels)."""
+    import tensorflow as tf
+
+    if _DISABLED.get() or tuple(kernel_shape[:2]) != (3, 3):
+        return False
+    _, height, width, _ = input_shape
+    if None in (height, width) or height % 2 or width % 2 or min(height, width) < 14:
+        return False
+    if min(kernel_shape[2], kernel_shape[3]) < 128:
+        return False
+    return not tf.config.list_physical_devices("GPU")
+
+
+def conv(x, kernel):
+    """``tf.nn.conv2d(x, kernel, 1, "SAME")`` for a 3x3 ``kernel``."""
+    import tensorflow as tf
+
+    transformed = _kernel_transform(kernel)
+    size = _group_size(x, max(kernel.shape[2], kernel.shape[3]))
+
+    def group_output(group):
+        tiles, rows, columns = _input_transform(group)
+        products = [tf.matmul(t, u) for t, u in zip(tiles, transformed)]
+        return _output_transform(products, group, rows, columns)
+
+    count = (tf.shape(x)[0] + size - 1) // size
+    outputs = tf.TensorArray(x.dtype, size=count, infer_shape=False,
+                             element_shape=tf.TensorShape([None]).concatenate(
+                                 x.shape[1:3]).concatenate([kernel.shape[3]]))
+    _, outputs = tf.while_loop(
+        lambda i, _: i < count,
+        lambda i, out: (i + 1, out.write(i, group_output(x[i * size:(i + 1) * size]))),
+        (tf.constant(0), outputs), parallel_iterations=1)
+    return tf.ensure_shape(outputs.concat(), x.shape[:3] + (kernel.shape[3],))
+
+
+def filter_gradient(x, gradient):
+    """The gradient with respect to the 3x3 kernel of ``conv(x, kernel)``, given the
+    gradient of its output."""
+    import tensorflow as tf
+
+    channels, out_channels = x.shape[-1], gradient.shape[-1]
+    size = _group_size(x, max(channels, out_channels))
+
+    def group_products(group, group_gradient):
+        tiles, rows, columns = _input_transform(group)
+        gradient_tiles = _gradient_transform(group_gradient, rows, columns)
+        return tf.stack([tf.matmul(t, g, transpose_a=True)
+                         for t, g in zip(tiles, gradient_tiles)])
+
+    count = (tf.shape(x)[0] + size - 1) // size
+    _, total = tf.while_loop(
+        lambda i, _: i < count,
+        lambda i, total: (i + 1, total + group_products(x[i * size:(i + 1) * size],
+                                                        gradient[i * size:(i + 1) * size])),
+        (tf.constant(0), tf.zeros((16, channels, out_channels), x.dtype)),
+        parallel_iterations=1)
+    # _gradient_transform leaves the 4th row and column of A dy A^T negated: negate the
+    # 4th row of G instead.
+    g = tf.constant(_G, dtype=x.dtype) * tf.constant([[1.0], [1.0], [1.0], [-1.0]], x.dtype)
+    total = tf.reshape(total, (4, 4, channels, out_channels))
+    return tf.einsum("ai,abco,bj->ijco", g, total, g)
+
+
+def _group_size(x, channels):
+    """Examples per group: the 16 transformed tiles of a group hold at most GROUP_BYTES
+    (at least one example per group)."""
+    _, height, width, _ = x.shape
+    per_example = 16 * ((height + 1) // 2) * ((width + 1) // 2) * channels * x.dtype.size
+    return max(1, GROUP_BYTES // per_example)
+
+
+def _four(even, odd, count):
+    """B^T d along one axis: rows d0..d3 of every tile, where d_k = row 2i + k."""
+    d0, d1, d2, d3 = even[:, :count], odd[:, :count], even[:, 1:], odd[:, 1:]
+    return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+
+
+def _input_transform(x):
+    """B^T d B of every 4x4 tile (stride 2) of the zero-padded ``x``: 16 tensors of shape
+    (tiles, C), and the tile rows and columns."""
+    import tensorflow as tf
+
+    _, height, width, channels = x.shape
+    rows, columns = (height + 1) // 2, (width + 1) // 2
+    padded = tf.pad(x, [[0, 0], [1, 1 + 2 * rows - height], [1, 1 + 2 * columns - width],
+                        [0, 0]])
+    by_row = tf.reshape(padded, (-1, rows + 1, 2, 2 * columns + 2, channels))
+    tiles = []
+    for part in _four(by_row[:, :, 0], by_row[:, :, 1], rows):
+        by_column = tf.reshape(part, (-1, columns + 1, 2, channels))
+        tiles.extend(tf.reshape(t, (-1, channels))
+                     for t in _four(by_column[:, :, 0], by_column[:, :, 1], columns))
+    return tiles, rows, columns
+
+
+def _output_transform(products, x, rows, columns):
+    """A^T m A of the 16 products: the (B, H, W, C_out) output."""
+    import tensorflow as tf
+
+    _, height, width, _ = x.shape
+    out_channels = products[0].shape[-1]
+    m = [tf.reshape(p, (-1, rows, columns, out_channels)) for p in products]
+    first = [m[j] + m[4 + j] + m[8 + j] for j in range(4)]
+    second = [m[4 + j] - m[8 + j] - m[12 + j] for j in range(4)]
+    corners = []
+    for r in (first, second):
+        corners.extend([r[0] + r[1] + r[2], r[1] - r[2] - r[3]])
+    # Channels ordered (tile row, tile column, channel): depth_to_space interleaves them.
+    y = tf.nn.depth_to_space(tf.concat(corners, axis=-1), 2)
+    return y[:, :height, :width, :]
+
+
+def _two(first, second):
+    """A e along one axis of a 2-row tile, its 4th row negated (see filter_gradient)."""
+    return [first, first + second, first - second, second]
+
+
+def _gradient_transform(gradient, rows, columns):
+    """A dy A^T of every 2x2 tile of the output gradient: 16 tensors (tiles, C_out)."""
+    import tensorflow as tf
+
+    _, height, width, out_channels = gradient.shape
+    padded = tf.pad(gradient, [[0, 0], [0, 2 * rows - height], [0, 2 * columns - width],
+                               [0, 0]])
+    by_row = tf.reshape(padded, (-1, rows, 2, 2 * columns, out_channels))
+    tiles = []
+    for part in _two(by_row[:, :, 0], by_row[:, :, 1]):
+        by_column = tf.reshape(part, (-1, columns, 2, out_channels))
+        tiles.extend(tf.reshape(t, (-1, out_channels))
+                     for t in _two(by_column[:, :, 0], by_column[:, :, 1]))
+    return tiles
+
+
+def _kernel_transform(kernel):
+    """G g G^T: 16 tensors (C, C_out)."""
+    import tensorflow as tf
+
+    g = tf.constant(_G, dtype=kernel.dtype)
+    transformed = tf.einsum("ai,ijco,bj->abco", g, kernel, g)
+    return tf.unstack(tf.reshape(transformed, (16,) + tuple(kernel.shape[2:])))
