@@ -3,17 +3,20 @@
 
 Each 2x2 output tile is read from a 4x4 input tile; in the transformed domain the 3x3
 convolution becomes 16 independent products [tiles, C] x [C, C_out], 2.25 times fewer
-multiplications than the direct convolution. oneDNN's direct kernels ran at 120-140 GFLOP/s
-on this project's 2-core AVX2 machines; the 16 products run near that rate, and the
-transforms (additions on strided slices) cost less than the products saved. One chunk of
-16 examples (`benchmarks/winograd.py`): forward 28x28x256 122 -> 95 ms, 14x14x512 128 -> 88
-ms; filter gradient 149 -> 110 and 161 -> 105 ms. On maps of odd size the tiles overhang
-and the direct kernel won (7x7x512: 33 vs 52 ms), so ``pays`` keeps those on oneDNN.
+multiplications than the direct convolution. On this project's 2-core AVX2 machine
+(`python benchmarks/winograd.py`, one chunk of 16 examples, 2026-11-28) oneDNN's direct
+kernels took 123 / 143 ms (forward / filter gradient) on 28x28x256 maps and 132 / 156 ms on
+14x14x512, these 94 / 99 and 106 / 126 ms. On maps of odd size the tiles overhang and the
+direct kernel won (7x7x512: 33 against 69 ms), so ``pays`` keeps those on oneDNN.
 
-Results equal the direct convolution's to float32 rounding (relative 1e-6, tests/
-test_winograd.py). The transforms hold 4 copies of a group's input and output; a call walks
-its batch in groups of at most ``GROUP_BYTES`` per copy, one after the other, so that a
-call's temporaries stay small next to the chunked block's maps.
+Results equal the direct convolution's to float32 rounding (relative error below 1e-6,
+tests/test_winograd.py). The 16 transformed copies of the input and of the output would
+be 4 times the size of each map; a call walks its batch in equal groups whose copies hold
+at most ``GROUP_BYTES``, one group after the other (a ``tf.while_loop``). Smaller groups
+were also faster: one chunk of 28x28x256 in a single group ran slower than the direct
+kernel (127 against 120 ms), in groups of 5 faster (79 against 108 ms, another run).
+The loops and the many small ops cost at the first step: the vgg8b predsim step (28x28x1)
+took 191 s to trace and run the first time, against 85 s with the direct kernels.
 """
 
 import contextlib
@@ -65,7 +68,7 @@ def conv(x, kernel):
         products = [tf.matmul(t, u) for t, u in zip(tiles, transformed)]
         return _output_transform(products, group, rows, columns)
 
-    count = (tf.shape(x)[0] + size - 1) // size
+    count, size = _groups(x, size)
     outputs = tf.TensorArray(x.dtype, size=count, infer_shape=False,
                              element_shape=tf.TensorShape([None]).concatenate(
                                  x.shape[1:3]).concatenate([kernel.shape[3]]))
@@ -90,7 +93,7 @@ def filter_gradient(x, gradient):
         return tf.stack([tf.matmul(t, g, transpose_a=True)
                          for t, g in zip(tiles, gradient_tiles)])
 
-    count = (tf.shape(x)[0] + size - 1) // size
+    count, size = _groups(x, size)
     _, total = tf.while_loop(
         lambda i, _: i < count,
         lambda i, total: (i + 1, total + group_products(x[i * size:(i + 1) * size],
@@ -102,6 +105,17 @@ def filter_gradient(x, gradient):
     g = tf.constant(_G, dtype=x.dtype) * tf.constant([[1.0], [1.0], [1.0], [-1.0]], x.dtype)
     total = tf.reshape(total, (4, 4, channels, out_channels))
     return tf.einsum("ai,abco,bj->ijco", g, total, g)
+
+
+def _groups(x, most):
+    """(count, size) of equal groups of at most ``most`` examples covering the batch (the
+    last one may be short): 16 examples in groups of at most 10 as 8 + 8, not 10 + 6, whose
+    smaller products ran slower (14x14x512: 111 against 89 ms)."""
+    import tensorflow as tf
+
+    batch = tf.shape(x)[0]
+    count = (batch + most - 1) // most
+    return count, (batch + count - 1) // tf.maximum(count, 1)
 
 
 def _group_size(x, channels):
