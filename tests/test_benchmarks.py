@@ -168,3 +168,20 @@ def test_tagged_json_reads_the_last_result_line_and_names_a_failure():
     assert tagged_json(printed_then_crashed, "RESULT", "row") == {"a": 3}
     with pytest.raises(RuntimeError, match=r"row failed \(exit 1\):\nTraceback"):
         tagged_json(printed_then_crashed, "RESULT", "row", require_exit_zero=True)
+
+
+def test_winograd_table_on_small_maps():
+    stdout = run_script("winograd.py", "--shapes", "4x3", "6x2", "--batch", "2",
+                        "--repeats", "1")
+    rows = [line.split() for line in stdout.splitlines()
+            if line.strip().startswith(("4x4", "6x6"))]
+    assert [row[0] for row in rows] == ["4x4x3", "6x6x2"]
+    assert all(float(row[-1]) < 1e-5 for row in rows)  # Winograd against direct
+
+
+def test_winograd_rejects_a_bad_shape():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "winograd.py"),
+                           "--shapes", "28by256"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "--shapes: expected SIZExCHANNELS" in done.stderr
