@@ -182,7 +182,12 @@ def conv(x, kernel):
 
     if tf_winograd.pays(x.shape, kernel.shape):
         return tf_winograd.conv(x, kernel)
-    return tf.nn.conv2d(x, kernel, 1, "SAME")
+    output = tf.nn.conv2d(x, kernel, 1, "SAME")
+    # oneDNN's AVX-512 kernels give an empty batch (a chunk past a small batch's end) the
+    # input's channel count: (0, 8, 8, 12) from a 12 -> 3 kernel. The slice puts the right
+    # count back so the chunks concatenate; on a full map it is an identity that TF forwards
+    # without a copy (grappler removes an equivalent reshape, which would not help).
+    return output[..., :kernel.shape[-1]]
 
 
 def conv_filter_gradient(x, kernel, gradient):
