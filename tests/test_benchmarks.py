@@ -148,6 +148,8 @@ def test_scaling_quick_writes_its_table(tmp_path):
                          "pipeline, 4 devices"}
     assert rows["one device"]["vs_one_device"] == 1.0
     assert all(r["images_per_s"] > 0 for r in rows.values()) and payload["cpu"]
+    # one rate per timed window: the epochs of one fit (one data iterator)
+    assert all(len(r["all"]) == payload["repeats"] for r in rows.values())
 
 
 def test_tagged_json_reads_the_last_result_line_and_names_a_failure():
