@@ -172,6 +172,7 @@ def test_tagged_json_reads_the_last_result_line_and_names_a_failure():
         tagged_json(printed_then_crashed, "RESULT", "row", require_exit_zero=True)
 
 
+@pytest.mark.slow  # a benchmark subprocess, like the others here
 def test_winograd_table_on_small_maps():
     stdout = run_script("winograd.py", "--shapes", "4x3", "6x2", "--batch", "2",
                         "--repeats", "1")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from keras import ops
 
 import keras_local as kl
@@ -89,6 +90,7 @@ def test_registered_loss_computes_its_terms():
     np.testing.assert_allclose(float(terms["loss"]), np.log(3.0) + 0.04, rtol=1e-6)
 
 
+@pytest.mark.slow  # train.py in a subprocess
 def test_plugin_option_makes_a_loss_selectable(tmp_path):
     plugin = tmp_path / "my_losses.py"
     plugin.write_text(textwrap.dedent("""

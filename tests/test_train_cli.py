@@ -47,6 +47,7 @@ def tensorboard_scalars(log_dir):
     return tags
 
 
+@pytest.mark.slow  # real data, train + export in a subprocess
 def test_cli_trains_fashion_mnist_end_to_end(tmp_path, fashion_mnist_idx_dir):
     save_dir = str(tmp_path / "runs")
     result = train_cli("--dataset", "fashion_mnist", "--data-dir", fashion_mnist_idx_dir,
@@ -75,6 +76,7 @@ def test_cli_trains_fashion_mnist_end_to_end(tmp_path, fashion_mnist_idx_dir):
     assert os.path.isfile(os.path.join(export_dir, "model.onnx"))
 
 
+@pytest.mark.slow  # three train.py subprocesses
 def test_killed_run_resumes_with_identical_optimizer_iterations(tmp_path):
     save_dir = str(tmp_path / "runs")
     args = ["--dataset", "fashion_mnist_demo", "--model", "mlp", "--num-hidden", "64",
@@ -198,6 +200,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, rng):
     assert int(saved.optimizer.iterations) == 4  # one epoch of 64 / 16
 
 
+@pytest.mark.slow  # train.py subprocesses on logical devices
 @pytest.mark.parametrize("scale_out", [["--strategy", "mirrored"],
                                        ["--placement", "layerwise", "--pipeline"]])
 def test_cli_scale_out_options_train(tmp_path, scale_out):
