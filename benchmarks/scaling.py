@@ -24,9 +24,9 @@ Model: the 4-block MLP of the paper's Fashion-MNIST recipe width (mlp, num_layer
 num_hidden=1024, predsim, Adam, no dropout), 28x28x1 inputs, batch 128 per replica,
 synthetic data (throughput does not depend on the values). The timed windows are the
 epochs of one ``fit`` after a warm-up fit (one data iterator, steady state); "cores used"
-is the process's CPU time over wall time in a window. Other processes on the same cores distort the
-numbers: each row keeps its best timed window over all rounds, and the load average is
-printed with every measurement.
+is the process's CPU time over wall time in a window. Other processes on the same cores
+distort the numbers: each row keeps its best timed window over all rounds, and the load
+average is printed with every measurement.
 """
 
 import argparse

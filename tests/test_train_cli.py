@@ -76,7 +76,7 @@ def test_cli_trains_fashion_mnist_end_to_end(tmp_path, fashion_mnist_idx_dir):
     assert os.path.isfile(os.path.join(export_dir, "model.onnx"))
 
 
-@pytest.mark.slow  # three train.py subprocesses
+@pytest.mark.slow  # two train.py runs in subprocesses, one killed mid-run
 def test_killed_run_resumes_with_identical_optimizer_iterations(tmp_path):
     save_dir = str(tmp_path / "runs")
     args = ["--dataset", "fashion_mnist_demo", "--model", "mlp", "--num-hidden", "64",
