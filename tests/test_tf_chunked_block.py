@@ -134,3 +134,22 @@ def test_conv_input_gradient_matches_tensorflows(kernel_shape, rng):
     got = tf_chunked_block.conv_input_gradient(kernel)(x, dy).numpy()
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.max(np.abs(expected)))
+
+
+def test_conv_of_an_empty_chunk_has_the_kernel_output_channels():
+    """A chunk past a small batch's end is empty; its convolution must still have the
+    kernel's output channels so the chunks concatenate (oneDNN's AVX-512 kernels return
+    the input's channel count for an empty batch)."""
+    rng = np.random.default_rng(0)
+    kernel = tf.constant(rng.normal(size=(3, 3, 12, 3)).astype("float32"))
+    full = tf.constant(rng.normal(size=(2, 8, 8, 12)).astype("float32"))
+
+    @tf.function
+    def chunks_concatenated(x):
+        return tf.concat([tf_chunked_block.conv(x[:2], kernel),
+                          tf_chunked_block.conv(x[2:], kernel)], axis=0)
+
+    assert tf_chunked_block.conv(full[2:], kernel).shape == (0, 8, 8, 3)
+    np.testing.assert_allclose(chunks_concatenated(full).numpy(),
+                               tf.nn.conv2d(full, kernel, 1, "SAME").numpy(),
+                               rtol=1e-5, atol=1e-5)
