@@ -53,7 +53,7 @@ ROWS = [
 BATCH = 128
 
 
-def measure(devices, mode, intra, xla, steps, warmup, repeats):
+def measure(devices, mode, intra, xla, steps, warmup, repeats, steps_per_execution):
     """Images/s of one configuration (runs in a fresh process)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -90,7 +90,7 @@ def measure(devices, mode, intra, xla, steps, warmup, repeats):
     dataset = tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(2)
     with strategy.scope():
         model = kl.build_model("mlp", (28, 28, 1), 10, config)
-        model.compile(jit_compile=xla)
+        model.compile(jit_compile=xla, steps_per_execution=steps_per_execution)
     model.fit(dataset, epochs=1, steps_per_epoch=warmup, verbose=0)
     # The timed windows are the epochs of one fit: one iterator for all of them. A fit per
     # window would time each iterator's teardown, which waits for tf.data's autotuning
@@ -124,7 +124,8 @@ def run_row(row, args):
     name = row[0]
     command = [sys.executable, os.path.abspath(__file__), "--row", json.dumps(row),
                "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--repeats", str(args.repeats)]
+               "--repeats", str(args.repeats),
+               "--steps-per-execution", str(args.steps_per_execution)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
     env.pop("TF_CONFIG", None)
     proc = subprocess.run(command, capture_output=True, text=True, env=env,
@@ -141,6 +142,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="timed steps per repeat")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (trace, fill)")
     parser.add_argument("--repeats", type=int, default=None, help="timed windows; best is kept")
+    parser.add_argument("--steps-per-execution", type=int, default=16,
+                        help="training steps per call of the train function, every row")
     parser.add_argument("--rounds", type=int, default=2,
                         help="run the whole list this many times, keep each row's best")
     parser.add_argument("--json", default=None,
@@ -149,13 +152,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     # Many short timed windows, best kept: on cores shared with other jobs the best
     # window is the one least disturbed by them.
-    args.steps = args.steps or (5 if args.quick else 15)
-    args.warmup = args.warmup or (3 if args.quick else 10)
+    args.steps = args.steps or (5 if args.quick else 32)
+    args.warmup = args.warmup or (3 if args.quick else 32)
     args.repeats = args.repeats or (2 if args.quick else 8)
 
     if args.row is not None:
         _, devices, mode, intra, xla, _ = json.loads(args.row)
-        result = measure(devices, mode, intra, xla, args.steps, args.warmup, args.repeats)
+        result = measure(devices, mode, intra, xla, args.steps, args.warmup, args.repeats,
+                         args.steps_per_execution)
         print("RESULT " + json.dumps(result), flush=True)
         return
 

@@ -16,6 +16,9 @@ PRECISION_CHOICES = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGY_CHOICES = ("auto", "one", "mirrored", "multiworker")
 PLACEMENT_CHOICES = ("none", "layerwise")
 BACKEND_CHOICES = ("tensorflow", "jax", "torch")
+# Steps per call of the train function when pipelined: inside one call the runtime
+# overlaps the end of one step (its last stages' updates) with the start of the next.
+PIPELINE_STEPS_PER_EXECUTION = 16
 
 
 # The network part of a Config: what a saved model carries (LocalModel.get_config). Every
@@ -92,6 +95,9 @@ class Config:
     strategy: str = "auto"
     placement: str = "none"
     pipeline: bool = False
+    # training steps per call of the compiled train function (Keras steps_per_execution);
+    # 0 = auto: PIPELINE_STEPS_PER_EXECUTION when pipelined, else 1
+    steps_per_execution: int = 0
     # reproducibility
     deterministic: bool = False  # tf.config.experimental.enable_op_determinism()
     # TensorBoard
@@ -154,6 +160,9 @@ class Config:
                              f"got {self.classes_per_batch}")
         if not 0 <= self.momentum <= 1:
             raise ValueError(f"momentum must be in [0, 1], got {self.momentum}")
+        if self.steps_per_execution < 0:
+            raise ValueError(f"steps_per_execution must be >= 0 (0 = auto), "
+                             f"got {self.steps_per_execution}")
         if self.similarity_examples < 0:
             raise ValueError(f"similarity_examples must be >= 0, got {self.similarity_examples}")
         self.data_mean = tuple(float(v) for v in self.data_mean)
@@ -177,6 +186,13 @@ class Config:
         if self.no_detach:
             return "no_detach"
         return self.loss_sup
+
+    @property
+    def resolved_steps_per_execution(self) -> int:
+        """``steps_per_execution``, with 0 (auto) resolved."""
+        if self.steps_per_execution:
+            return self.steps_per_execution
+        return PIPELINE_STEPS_PER_EXECUTION if self.pipeline else 1
 
     @property
     def output_loss_scale(self) -> float:

@@ -14,7 +14,9 @@ rate changes (the milestone decays).
 
 Both are ordinary ``keras.optimizers.Optimizer`` subclasses: ``update_step`` reads
 ``self.iterations`` as Keras's Adam does, so they run on every backend, inside
-``tf.function(jit_compile=True)``, under tf.distribute, and save/load by name.
+``tf.function(jit_compile=True)``, under tf.distribute, and save/load by name. On
+TensorFlow without a strategy each variable's update is one fused XLA kernel
+(``keras_local.tf_fused_updates``: same formulas, one pass over memory).
 """
 
 import keras
@@ -51,19 +53,25 @@ class TorchAdam(keras.optimizers.Optimizer):
             self._velocity_maxima = self.add_optimizer_variables(variables, "velocity_max")
 
     def update_step(self, gradient, variable, learning_rate):
+        index = self._get_variable_index(variable)
+        m = self._momentums[index]
+        v = self._velocities[index]
+        v_max = self._velocity_maxima[index] if self.amsgrad else None
+        fused = _fused_kernels(variable, m, v, v_max)
+        if fused is not None:
+            kernels, (variable, m, v, v_max) = fused
+            kernels.adam(variable, m, v, v_max, gradient, learning_rate, self.iterations + 1,
+                         self.beta_1, self.beta_2, self.epsilon, self.coupled_weight_decay)
+            return
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
         gradient = _coupled_decay(gradient, variable, self.coupled_weight_decay)
         step = ops.cast(self.iterations + 1, dtype)
         correction_1 = 1 - ops.power(ops.cast(self.beta_1, dtype), step)
         correction_2 = 1 - ops.power(ops.cast(self.beta_2, dtype), step)
-        index = self._get_variable_index(variable)
-        m = self._momentums[index]
-        v = self._velocities[index]
         self.assign_add(m, (gradient - m) * (1 - self.beta_1))
         self.assign_add(v, (ops.square(gradient) - v) * (1 - self.beta_2))
         if self.amsgrad:
-            v_max = self._velocity_maxima[index]
             self.assign(v_max, ops.maximum(v_max, v))
             v = v_max
         denominator = ops.sqrt(v) / ops.sqrt(correction_2) + self.epsilon
@@ -101,11 +109,17 @@ class TorchSGD(keras.optimizers.Optimizer):
             self._buffers = self.add_optimizer_variables(variables, "momentum")
 
     def update_step(self, gradient, variable, learning_rate):
+        buffer = self._buffers[self._get_variable_index(variable)] if self.momentum else None
+        fused = _fused_kernels(variable, buffer)
+        if fused is not None:
+            kernels, (variable, buffer) = fused
+            kernels.sgd(variable, buffer, gradient, learning_rate, self.momentum,
+                        self.coupled_weight_decay)
+            return
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
         gradient = _coupled_decay(gradient, variable, self.coupled_weight_decay)
         if self.momentum:
-            buffer = self._buffers[self._get_variable_index(variable)]
             # Zero-initialised, so the first step leaves buf = g as torch's clone does.
             self.assign(buffer, ops.cast(self.momentum, dtype) * buffer + gradient)
             gradient = buffer
@@ -114,6 +128,22 @@ class TorchSGD(keras.optimizers.Optimizer):
     def get_config(self):
         return {**super().get_config(), "momentum": self.momentum,
                 "coupled_weight_decay": self.coupled_weight_decay}
+
+
+def _fused_kernels(*variables):
+    """(``keras_local.tf_fused_updates``, the tf.Variables behind ``variables``) when the
+    fused TensorFlow kernels can update them; None for the backend-agnostic ops. None
+    entries (absent slots) pass through."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    from keras_local import tf_fused_updates
+
+    present = [v for v in variables if v is not None]
+    resolved = tf_fused_updates.applies(*present)
+    if resolved is None:
+        return None
+    resolved = iter(resolved)
+    return tf_fused_updates, [None if v is None else next(resolved) for v in variables]
 
 
 def _coupled_decay(gradient, variable, weight_decay):

@@ -179,12 +179,11 @@ def pipeline_case(data, work):
     model.compile()
     result = {"devices": [d.name for d in tf.config.list_logical_devices("CPU")]}
 
-    # Placement: every block variable (and its optimiser slots, and the buffer that
-    # feeds it) on the block's assigned device.
+    # Placement: every block variable (and its optimiser slots, built by compile, and the
+    # buffer that feeds it) on the block's assigned device.
     assigned = block_devices(model)
     result["assigned"] = assigned
     misplaced, slots_checked = [], 0
-    model.optimizer.build(model.trainable_variables)
     for block, device in zip(model.local_blocks, assigned):
         for v in block.weights:
             if not same_device(v.value.device, device):
@@ -202,6 +201,15 @@ def pipeline_case(data, work):
     result["optimizer_slots_checked"] = slots_checked
     result["block_variable_devices"] = {
         block.name: sorted({v.value.device for v in block.weights}) for block in model.local_blocks}
+
+    # The optimiser update: no op gathers the gradients of every stage (Keras's replica
+    # sum under the default strategy was such a barrier before the update).
+    step = tf.function(lambda x, y: model.train_step((x, y))).get_concrete_function(
+        tf.TensorSpec((None,) + data["x"].shape[1:]), tf.TensorSpec((None,), "int32"))
+    result["widest_identity_n"] = max(
+        [len(op.inputs) for op in step.graph.get_operations() if op.type == "IdentityN"],
+        default=0)
+    result["trainable_variables"] = len(model.trainable_variables)
 
     # Which blocks' weights change at each of the first steps.
     groups = {block.name: block.trainable_weights for block in model.local_blocks}

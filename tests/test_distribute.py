@@ -177,6 +177,10 @@ def test_pipeline_fills_then_trains_every_block_at_every_step(pipelined):
         assert changed[step] == blocks + ["output"]
 
 
+def test_pipelined_updates_wait_for_no_gradients_of_other_stages(pipelined):
+    assert pipelined["widest_identity_n"] < pipelined["trainable_variables"] / 2
+
+
 def test_pipeline_local_losses_fall_on_fashion_mnist(pipelined):
     history = pipelined["history"]
     for k in range(1, 5):

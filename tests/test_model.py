@@ -141,6 +141,16 @@ def test_weight_decay_adds_l2_to_the_gradient(rng):
     np.testing.assert_allclose(a1[kernel] - a0[kernel], -0.1 * 0.5 * b0[kernel], atol=1e-6)
 
 
+def test_steps_per_execution_auto_is_one_unless_pipelined_and_reaches_compile():
+    assert kl.Config().resolved_steps_per_execution == 1
+    pipelined = kl.Config(model="mlp", placement="layerwise", pipeline=True)
+    assert pipelined.resolved_steps_per_execution == 16
+    assert pipelined.replace(steps_per_execution=3).resolved_steps_per_execution == 3
+    model = kl.build_model("mlp", (6, 6, 1), 4, small_config().replace(steps_per_execution=5))
+    model.compile()
+    assert model.steps_per_execution == 5
+
+
 def test_milestone_schedule():
     config = kl.Config(lr=1.0, lr_decay_milestones=(2, 4), lr_decay_fact=0.25)
     rates = [kl.milestone_learning_rate(config, epoch) for epoch in range(6)]
@@ -167,6 +177,7 @@ def test_save_and_load_round_trip(tmp_path, rng):
     (dict(nonlin="tanh"), "unknown nonlin 'tanh'"),
     (dict(beta=1.5), "beta must be in"),
     (dict(backprop=True, no_detach=True), "exclusive"),
+    (dict(steps_per_execution=-1), r"steps_per_execution must be >= 0 \(0 = auto\), got -1"),
 ])
 def test_config_rejects_bad_values(bad, message):
     with pytest.raises(ValueError, match=message):

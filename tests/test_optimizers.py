@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import keras_local as kl
+from keras_local import optimizers
 from keras_local.optimizers import TorchAdam, TorchSGD
 
 
@@ -63,10 +64,33 @@ def draws(rng, steps, shape=(5, 7)):
     return w, grads
 
 
+@pytest.fixture(params=["fused", "ops"])
+def update_path(request, monkeypatch):
+    """Both implementations of the updates: on TensorFlow the fused XLA kernels
+    (keras_local.tf_fused_updates) and the backend-agnostic ops every other backend runs."""
+    if request.param == "fused":
+        if keras.backend.backend() != "tensorflow":
+            pytest.skip("the fused kernels are TensorFlow's")
+    else:
+        monkeypatch.setattr(optimizers, "_fused_kernels", lambda *variables: None)
+    return request.param
+
+
+@pytest.mark.tensorflow_only
+def test_tensorflow_updates_take_the_fused_kernels_unless_a_strategy_is_active():
+    import tensorflow as tf
+
+    variable = keras.Variable(np.zeros((2, 2), "float32"))
+    kernels, (resolved,) = optimizers._fused_kernels(variable)
+    assert isinstance(resolved, tf.Variable) and kernels.__name__.endswith("tf_fused_updates")
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        assert optimizers._fused_kernels(keras.Variable(np.zeros((2, 2), "float32"))) is None
+
+
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("steps", [1, 4])
-def test_adam_matches_pytorch_formula(rng, amsgrad, weight_decay, steps):
+def test_adam_matches_pytorch_formula(rng, amsgrad, weight_decay, steps, update_path):
     w, grads = draws(rng, steps)
     optimizer = TorchAdam(learning_rate=1e-3, amsgrad=amsgrad,
                           coupled_weight_decay=weight_decay)
@@ -84,7 +108,7 @@ def test_keras_adam_places_epsilon_differently(rng):
     assert np.abs(got - want).max() > 1e-4
 
 
-def test_adam_follows_learning_rate_changes(rng):
+def test_adam_follows_learning_rate_changes(rng, update_path):
     w, grads = draws(rng, 3)
     lrs = [1e-3, 1e-3, 2.5e-4]
     got = keras_steps(TorchAdam(learning_rate=1e-3), w, grads, lrs)
@@ -92,7 +116,8 @@ def test_adam_follows_learning_rate_changes(rng):
 
 
 @pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 1e-2)])
-def test_sgd_matches_pytorch_formula_across_a_learning_rate_decay(rng, momentum, weight_decay):
+def test_sgd_matches_pytorch_formula_across_a_learning_rate_decay(rng, momentum, weight_decay,
+                                                                  update_path):
     w, grads = draws(rng, 4)
     lrs = [0.1, 0.1, 0.025, 0.025]  # torch scales the whole momentum buffer by the new lr
     got = keras_steps(TorchSGD(learning_rate=0.1, momentum=momentum,

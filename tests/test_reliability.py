@@ -141,6 +141,7 @@ def test_run_directories_are_created_atomically(tmp_path, monkeypatch):
     (["--cutout", "--length", "-5"], "length must be > 0, got -5"),
     (["--classes-per-batch", "-1"], "classes_per_batch must be >= 0"),
     (["--batch-size", "1"], "batch_size must be >= 2"),
+    (["--steps-per-execution", "-2"], "steps_per_execution must be >= 0 (0 = auto), got -2"),
 ])
 def test_bad_options_one_line_exit_2_no_run_dir(tmp_path, args, message, capsys):
     save_dir = tmp_path / "runs"

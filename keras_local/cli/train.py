@@ -139,6 +139,9 @@ def make_parser():
                      help="layerwise: block i on device i mod N")
     run.add_argument("--pipeline", action="store_true",
                      help="decoupled pipelined training (needs --placement layerwise)")
+    run.add_argument("--steps-per-execution", type=int, default=0, metavar="N",
+                     help="training steps per call of the compiled train function "
+                          "(0 = auto: 16 when pipelined, else 1)")
     run.add_argument("--no-export", action="store_true",
                      help="skip the SavedModel/ONNX export at the end")
     run.add_argument("--quiet", action="store_true", help="no progress bar")

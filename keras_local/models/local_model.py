@@ -148,6 +148,7 @@ class LocalModel(keras.Model):
         activations (vgg19 predsim then needed as much memory as backprop), and its CPU
         convolutions were slower than TensorFlow's. Dense-only networks (mlp) compile the
         whole step, which was fastest for them (benchmarks/throughput.py, README Results).
+        ``steps_per_execution`` defaults to ``Config.resolved_steps_per_execution``.
         """
         if optimizer is None:
             optimizer = make_optimizer(self.config)
@@ -156,6 +157,7 @@ class LocalModel(keras.Model):
             # XLA compiles a one-device step: not with placement nor under a strategy.
             jit_compile = (self.config.jit_compile and keras.backend.backend() != "torch"
                            and self.placement is None and not _under_strategy())
+        kwargs.setdefault("steps_per_execution", self.config.resolved_steps_per_execution)
         has_conv = any(block.kind == "conv" for block in self.local_blocks)
         self.xla_update = (bool(jit_compile) and keras.backend.backend() == "tensorflow"
                            and has_conv)
@@ -163,6 +165,10 @@ class LocalModel(keras.Model):
                         jit_compile=False if self.xla_update else jit_compile, **kwargs)
         if self.xla_update:  # what compile_from_config restores
             self._compile_config.config["jit_compile"] = True
+        if self.placement is not None:
+            # Built now, each slot sits on its variable's device; built lazily while the
+            # first step is traced, every slot landed on the default device.
+            self.optimizer.build(self.trainable_variables)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """TensorFlow trainer hook. Under a strategy Keras 3.15 first all-reduces a data

@@ -13,7 +13,8 @@ One train step t does, for every stage at once:
     stage k > 0 reads boundary k-1: what block k-1 produced at step t-1;
     each stage runs its block forward, its own local loss and its own gradients;
     stage k writes its (gradient-stopped) output and labels into boundary k;
-    one optimiser apply updates every stage's variables.
+    one optimiser apply updates every stage's variables, each variable as soon as its
+    own gradient exists.
 
 No stage reads anything another stage computes in the same step, so the stages have no
 data dependency on each other and the runtime runs them concurrently on their devices
@@ -43,6 +44,13 @@ total; at the end of training the last k batches are never seen by block k. The 
 are not part of the model's weights or checkpoints: after a restore (BackupAndRestore,
 ``--resume``) or in a new process the pipeline fills again (n steps). The last, smaller
 batch of an epoch goes through the buffers too (their batch dimension is dynamic).
+
+Steps per execution: a pipelined model compiles with ``Config.steps_per_execution`` = 16
+by default (``PIPELINE_STEPS_PER_EXECUTION``), Keras's loop of several steps inside one call
+of the train function. Within a call the runtime starts stage k's work of step t+1 while
+other stages still finish step t (their updates), so the devices do not wait at every
+step's end, and the per-call host work (Python, callbacks, launching the function) is
+paid once per 16 steps. Callbacks see a batch end every 16 steps.
 
 Placement and threads: ``Config.placement = "layerwise"`` puts block i on device i mod N
 (``keras_local.distribute``). On CPU logical devices all devices share the process's
@@ -143,6 +151,16 @@ class PipelineExecutor(TensorFlowExecutor):
     def segment_outputs(self, outputs):
         for boundary, (out, labels, valid) in zip(self.buffers.boundaries, outputs):
             boundary.write(out, labels, True if valid is None else valid)
+
+    def apply(self, grads, variables, step=None):
+        # Keras's TensorFlow optimiser first sums the gradients over replicas; under the
+        # default strategy that sum is an identity over all of them at once (the IdentityN
+        # of a custom gradient), so no stage's update could start before the slowest
+        # stage's gradients existed, and every update then ran at the same time, contending
+        # for memory bandwidth. In cross-replica context (merge_call) it skips the sum, which
+        # is the identity here: the pipeline runs without a strategy, on one replica.
+        return tf.distribute.get_replica_context().merge_call(
+            lambda _: TensorFlowExecutor.apply(self, grads, variables, step))
 
     def run(self, function, when=None):
         if when is None:

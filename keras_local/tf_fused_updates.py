@@ -1,0 +1,77 @@
+"""Fused optimiser updates on TensorFlow: one XLA kernel per variable.
+
+Written as TensorFlow ops, an Adam update of one weight matrix is a dozen element-wise
+ops, each a pass over the weights' memory (moments, temporaries). That is memory-bound
+work, and while blocks train at the same time (the pipelined step, ``Config.pipeline``)
+it slows the matrix products on the other cores, which share the memory bus and the
+last-level cache. Compiled by XLA, the update of one variable is one loop: it reads the
+weights, gradient and moments once and writes weights and moments once.
+
+Used by ``keras_local.optimizers`` when the backend is TensorFlow and no tf.distribute
+strategy is active (``applies``); elsewhere the optimisers run their backend-agnostic ops.
+Inside an XLA-compiled step (the dense networks' default, the conv networks' compiled
+update) the kernel is inlined into the enclosing computation. The formulas are those of
+``TorchAdam`` / ``TorchSGD`` (tests/test_optimizers.py checks both against torch.optim's).
+"""
+
+import tensorflow as tf
+
+
+def applies(*variables):
+    """The tf.Variables behind Keras ``variables`` when the fused kernels can update them
+    (TensorFlow backend, no strategy); None otherwise. Under a strategy the optimiser
+    updates per-replica components that these kernels do not resolve."""
+    if tf.distribute.has_strategy():
+        return None
+    resolved = [getattr(v, "value", v) if not isinstance(v, tf.Variable) else v
+                for v in variables]
+    if not all(isinstance(v, tf.Variable) for v in resolved):
+        return None
+    return resolved
+
+
+def adam(variable, m, v, v_max, gradient, learning_rate, step, beta_1, beta_2, epsilon,
+         weight_decay):
+    """``TorchAdam``'s update of ``variable`` (``v_max`` None without AMSGrad)."""
+    with tf.device(variable.device):
+        _adam(variable, m, v, v_max, gradient, tf.convert_to_tensor(learning_rate),
+              tf.convert_to_tensor(step), float(beta_1), float(beta_2), float(epsilon), float(weight_decay))
+
+
+def sgd(variable, buffer, gradient, learning_rate, momentum, weight_decay):
+    """``TorchSGD``'s update of ``variable`` (``buffer`` None without momentum)."""
+    with tf.device(variable.device):
+        _sgd(variable, buffer, gradient, tf.convert_to_tensor(learning_rate), float(momentum), float(weight_decay))
+
+
+@tf.function(jit_compile=True, autograph=False)
+def _adam(variable, m, v, v_max, gradient, learning_rate, step, beta_1, beta_2, epsilon,
+          weight_decay):
+    dtype = variable.dtype
+    gradient = tf.cast(gradient, dtype)
+    if weight_decay:
+        gradient = gradient + tf.cast(weight_decay, dtype) * variable
+    step = tf.cast(step, dtype)
+    correction_1 = 1 - tf.pow(tf.cast(beta_1, dtype), step)
+    correction_2 = 1 - tf.pow(tf.cast(beta_2, dtype), step)
+    new_m = m + (gradient - m) * (1 - beta_1)
+    new_v = v + (tf.square(gradient) - v) * (1 - beta_2)
+    m.assign(new_m)
+    v.assign(new_v)
+    if v_max is not None:
+        new_v = tf.maximum(v_max, new_v)
+        v_max.assign(new_v)
+    denominator = tf.sqrt(new_v) / tf.sqrt(correction_2) + epsilon
+    variable.assign_sub((tf.cast(learning_rate, dtype) / correction_1) * new_m / denominator)
+
+
+@tf.function(jit_compile=True, autograph=False)
+def _sgd(variable, buffer, gradient, learning_rate, momentum, weight_decay):
+    dtype = variable.dtype
+    gradient = tf.cast(gradient, dtype)
+    if weight_decay:
+        gradient = gradient + tf.cast(weight_decay, dtype) * variable
+    if buffer is not None:
+        gradient = tf.cast(momentum, dtype) * buffer + gradient
+        buffer.assign(gradient)
+    variable.assign_sub(tf.cast(learning_rate, dtype) * gradient)
