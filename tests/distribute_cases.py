@@ -76,6 +76,13 @@ def mirrored_case(data, work):
     reference = build(tf.distribute.get_strategy().scope())
     initial, initial_by_path = reference.get_weights(), weights(reference)
 
+    # Several steps per execution with 2 replicas: refused at compile, in one line.
+    try:
+        build(strategy.scope(), config.replace(steps_per_execution=4))
+        result["steps_per_execution_error"] = None
+    except ValueError as error:
+        result["steps_per_execution_error"] = str(error)
+
     # (a) one mirrored step on [a; b] == mean of the single-device steps on a and on b.
     mirrored = build(strategy.scope())
     mirrored.set_weights(initial)

@@ -139,6 +139,11 @@ def test_mirrored_step_equals_mean_of_single_device_steps(mirrored):
 
 
 @pytest.mark.slow
+def test_several_steps_per_execution_with_two_replicas_is_refused_in_one_line(mirrored):
+    assert mirrored["steps_per_execution_error"] == (
+        "steps_per_execution 4 needs one replica; this strategy has 2: use 1 (or 0, auto)")
+
+
 def test_locality_holds_under_mirrored_strategy(mirrored):
     assert mirrored["locality_block_1_diff"] == 0.0
     assert mirrored["locality_last_block_diff"] > 1e-5  # the altered heads did act

@@ -158,6 +158,12 @@ class LocalModel(keras.Model):
             jit_compile = (self.config.jit_compile and keras.backend.backend() != "torch"
                            and self.placement is None and not _under_strategy())
         kwargs.setdefault("steps_per_execution", self.config.resolved_steps_per_execution)
+        replicas = _replicas()
+        if kwargs["steps_per_execution"] > 1 and replicas > 1:
+            # Keras 3.15's multi-step loop over a distributed iterator fails at run time
+            # with 2 replicas ("You must feed a value for placeholder ... while/cond").
+            raise ValueError(f"steps_per_execution {kwargs['steps_per_execution']} needs one "
+                             f"replica; this strategy has {replicas}: use 1 (or 0, auto)")
         has_conv = any(block.kind == "conv" for block in self.local_blocks)
         self.xla_update = (bool(jit_compile) and keras.backend.backend() == "tensorflow"
                            and has_conv)
@@ -238,6 +244,15 @@ def check_network_support(config, backend):
         raise ValueError(
             f"precision={config.precision!r}: supported on the tensorflow and jax backends "
             f"only, but Keras is running on 'torch'; use precision='float32' on torch")
+
+
+def _replicas():
+    """Replicas of the active tf.distribute strategy (1 without one or off TensorFlow)."""
+    if not _under_strategy():
+        return 1
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy().num_replicas_in_sync
 
 
 def _under_strategy():
