@@ -34,44 +34,59 @@ def adam(variable, m, v, v_max, gradient, learning_rate, step, beta_1, beta_2, e
          weight_decay):
     """``TorchAdam``'s update of ``variable`` (``v_max`` None without AMSGrad)."""
     with tf.device(variable.device):
-        _adam(variable, m, v, v_max, gradient, tf.convert_to_tensor(learning_rate),
-              tf.convert_to_tensor(step), float(beta_1), float(beta_2), float(epsilon), float(weight_decay))
+        _adam(variable.handle, m.handle, v.handle, None if v_max is None else v_max.handle,
+              gradient, tf.convert_to_tensor(learning_rate), tf.convert_to_tensor(step),
+              variable.dtype, float(beta_1), float(beta_2), float(epsilon), float(weight_decay))
 
 
 def sgd(variable, buffer, gradient, learning_rate, momentum, weight_decay):
     """``TorchSGD``'s update of ``variable`` (``buffer`` None without momentum)."""
     with tf.device(variable.device):
-        _sgd(variable, buffer, gradient, tf.convert_to_tensor(learning_rate), float(momentum), float(weight_decay))
+        _sgd(variable.handle, None if buffer is None else buffer.handle, gradient,
+             tf.convert_to_tensor(learning_rate), variable.dtype, float(momentum),
+             float(weight_decay))
+
+
+# The kernels take resource handles, not tf.Variables: one trace then serves every
+# variable of a dtype (XLA compiles once per shape), and no trace keeps a variable alive.
+def _read(handle, dtype):
+    return tf.raw_ops.ReadVariableOp(resource=handle, dtype=dtype)
+
+
+def _write(handle, value):
+    tf.raw_ops.AssignVariableOp(resource=handle, value=value)
 
 
 @tf.function(jit_compile=True, autograph=False)
-def _adam(variable, m, v, v_max, gradient, learning_rate, step, beta_1, beta_2, epsilon,
-          weight_decay):
-    dtype = variable.dtype
+def _adam(variable, m, v, v_max, gradient, learning_rate, step, dtype, beta_1, beta_2,
+          epsilon, weight_decay):
+    weights = _read(variable, dtype)
     gradient = tf.cast(gradient, dtype)
     if weight_decay:
-        gradient = gradient + tf.cast(weight_decay, dtype) * variable
+        gradient = gradient + tf.cast(weight_decay, dtype) * weights
     step = tf.cast(step, dtype)
     correction_1 = 1 - tf.pow(tf.cast(beta_1, dtype), step)
     correction_2 = 1 - tf.pow(tf.cast(beta_2, dtype), step)
-    new_m = m + (gradient - m) * (1 - beta_1)
-    new_v = v + (tf.square(gradient) - v) * (1 - beta_2)
-    m.assign(new_m)
-    v.assign(new_v)
+    new_m = _read(m, dtype)
+    new_m = new_m + (gradient - new_m) * (1 - beta_1)
+    new_v = _read(v, dtype)
+    new_v = new_v + (tf.square(gradient) - new_v) * (1 - beta_2)
+    _write(m, new_m)
+    _write(v, new_v)
     if v_max is not None:
-        new_v = tf.maximum(v_max, new_v)
-        v_max.assign(new_v)
+        new_v = tf.maximum(_read(v_max, dtype), new_v)
+        _write(v_max, new_v)
     denominator = tf.sqrt(new_v) / tf.sqrt(correction_2) + epsilon
-    variable.assign_sub((tf.cast(learning_rate, dtype) / correction_1) * new_m / denominator)
+    _write(variable, weights - (tf.cast(learning_rate, dtype) / correction_1) * new_m / denominator)
 
 
 @tf.function(jit_compile=True, autograph=False)
-def _sgd(variable, buffer, gradient, learning_rate, momentum, weight_decay):
-    dtype = variable.dtype
+def _sgd(variable, buffer, gradient, learning_rate, dtype, momentum, weight_decay):
+    weights = _read(variable, dtype)
     gradient = tf.cast(gradient, dtype)
     if weight_decay:
-        gradient = gradient + tf.cast(weight_decay, dtype) * variable
+        gradient = gradient + tf.cast(weight_decay, dtype) * weights
     if buffer is not None:
-        gradient = tf.cast(momentum, dtype) * buffer + gradient
-        buffer.assign(gradient)
-    variable.assign_sub(tf.cast(learning_rate, dtype) * gradient)
+        gradient = tf.cast(momentum, dtype) * _read(buffer, dtype) + gradient
+        _write(buffer, gradient)
+    _write(variable, weights - tf.cast(learning_rate, dtype) * gradient)
