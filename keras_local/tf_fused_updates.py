@@ -4,8 +4,8 @@ Written as TensorFlow ops, an Adam update of one weight matrix is a dozen elemen
 ops, each a pass over the weights' memory (moments, temporaries). That is memory-bound
 work, and while blocks train at the same time (the pipelined step, ``Config.pipeline``)
 it slows the matrix products on the other cores, which share the memory bus and the
-last-level cache. Compiled by XLA, the update of one variable is one loop: it reads the
-weights, gradient and moments once and writes weights and moments once.
+last-level cache. Compiled by XLA, the Adam update of one variable is three loops (XLA's
+CPU fusions: first moment, second moment, weights), SGD's one or two.
 
 Used by ``keras_local.optimizers`` when the backend is TensorFlow and no tf.distribute
 strategy is active (``applies``); elsewhere the optimisers run their backend-agnostic ops.
