@@ -144,6 +144,7 @@ def test_several_steps_per_execution_with_two_replicas_is_refused_in_one_line(mi
         "steps_per_execution 4 needs one replica; this strategy has 2: use 1 (or 0, auto)")
 
 
+@pytest.mark.slow
 def test_locality_holds_under_mirrored_strategy(mirrored):
     assert mirrored["locality_block_1_diff"] == 0.0
     assert mirrored["locality_last_block_diff"] > 1e-5  # the altered heads did act
