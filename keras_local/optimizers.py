@@ -138,12 +138,8 @@ def _fused_kernels(*variables):
         return None
     from keras_local import tf_fused_updates
 
-    present = [v for v in variables if v is not None]
-    resolved = tf_fused_updates.applies(*present)
-    if resolved is None:
-        return None
-    resolved = iter(resolved)
-    return tf_fused_updates, [None if v is None else next(resolved) for v in variables]
+    resolved = tf_fused_updates.applies(*variables)
+    return None if resolved is None else (tf_fused_updates, resolved)
 
 
 def _coupled_decay(gradient, variable, weight_decay):

@@ -19,13 +19,14 @@ import tensorflow as tf
 
 def applies(*variables):
     """The tf.Variables behind Keras ``variables`` when the fused kernels can update them
-    (TensorFlow backend, no strategy); None otherwise. Under a strategy the optimiser
-    updates per-replica components that these kernels do not resolve."""
+    (TensorFlow backend, no strategy); None otherwise. None entries (absent slots) stay
+    None. Under a strategy the optimiser updates per-replica components that these
+    kernels do not resolve."""
     if tf.distribute.has_strategy():
         return None
-    resolved = [getattr(v, "value", v) if not isinstance(v, tf.Variable) else v
+    resolved = [v if v is None or isinstance(v, tf.Variable) else getattr(v, "value", v)
                 for v in variables]
-    if not all(isinstance(v, tf.Variable) for v in resolved):
+    if not all(v is None or isinstance(v, tf.Variable) for v in resolved):
         return None
     return resolved
 
