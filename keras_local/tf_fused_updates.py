@@ -4,8 +4,10 @@ Written as TensorFlow ops, an Adam update of one weight matrix is a dozen elemen
 ops, each a pass over the weights' memory (moments, temporaries). That is memory-bound
 work, and while blocks train at the same time (the pipelined step, ``Config.pipeline``)
 it slows the matrix products on the other cores, which share the memory bus and the
-last-level cache. Compiled by XLA, the Adam update of one variable is three loops (XLA's
-CPU fusions: first moment, second moment, weights), SGD's one or two.
+last-level cache. Adam (without AMSGrad) is TensorFlow's ``ResourceApplyAdam``: one pass
+over weights, moments and gradient, its epsilon rescaled so that the update is PyTorch's
+(below). AMSGrad and SGD are small XLA kernels (for Adam three loops, XLA's CPU fusions:
+first moment, second moment, weights).
 
 Used by ``keras_local.optimizers`` when the backend is TensorFlow and no tf.distribute
 strategy is active (``applies``); elsewhere the optimisers run their backend-agnostic ops.
@@ -35,6 +37,10 @@ def adam(variable, m, v, v_max, gradient, learning_rate, step, beta_1, beta_2, e
          weight_decay):
     """``TorchAdam``'s update of ``variable`` (``v_max`` None without AMSGrad)."""
     with tf.device(variable.device):
+        if v_max is None:
+            _apply_adam(variable, m, v, gradient, learning_rate, step, beta_1, beta_2, epsilon,
+                        weight_decay)
+            return
         _adam(variable.handle, m.handle, v.handle, None if v_max is None else v_max.handle,
               gradient, tf.convert_to_tensor(learning_rate), tf.convert_to_tensor(step),
               variable.dtype, float(beta_1), float(beta_2), float(epsilon), float(weight_decay))
@@ -46,6 +52,26 @@ def sgd(variable, buffer, gradient, learning_rate, momentum, weight_decay):
         _sgd(variable.handle, None if buffer is None else buffer.handle, gradient,
              tf.convert_to_tensor(learning_rate), variable.dtype, float(momentum),
              float(weight_decay))
+
+
+def _apply_adam(variable, m, v, gradient, learning_rate, step, beta_1, beta_2, epsilon,
+                weight_decay):
+    """PyTorch's Adam through ``ResourceApplyAdam``, which computes
+        w -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps')
+    With eps' = eps * sqrt(1 - b2^t) that is PyTorch's
+        w -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)."""
+    dtype = variable.dtype
+    gradient = tf.cast(gradient, dtype)
+    if weight_decay:
+        gradient = gradient + tf.cast(weight_decay, dtype) * variable.read_value()
+    step = tf.cast(step, dtype)
+    power_1 = tf.pow(tf.cast(beta_1, dtype), step)
+    power_2 = tf.pow(tf.cast(beta_2, dtype), step)
+    tf.raw_ops.ResourceApplyAdam(
+        var=variable.handle, m=m.handle, v=v.handle, beta1_power=power_1, beta2_power=power_2,
+        lr=tf.cast(learning_rate, dtype), beta1=tf.cast(beta_1, dtype),
+        beta2=tf.cast(beta_2, dtype), epsilon=tf.cast(epsilon, dtype) * tf.sqrt(1 - power_2),
+        grad=gradient)
 
 
 # The kernels take resource handles, not tf.Variables: one trace then serves every

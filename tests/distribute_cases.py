@@ -186,13 +186,15 @@ def pipeline_case(data, work):
     model.compile()
     result = {"devices": [d.name for d in tf.config.list_logical_devices("CPU")]}
 
-    # Placement: every block variable (and its optimiser slots, built by compile, and the
-    # buffer that feeds it) on the block's assigned device.
+    # Placement: every block variable (and its optimiser slots, built by compile, its
+    # metrics and the buffer that feeds it) on the block's assigned device.
     assigned = block_devices(model)
     result["assigned"] = assigned
     misplaced, slots_checked = [], 0
     for block, device in zip(model.local_blocks, assigned):
-        for v in block.weights:
+        metric_variables = [v for metric in block.local_metrics.values() for v in metric.variables]
+        assert metric_variables
+        for v in block.weights + metric_variables:
             if not same_device(v.value.device, device):
                 misplaced.append(f"{v.path} on {v.value.device}, assigned {device}")
         for v in block.trainable_weights:
@@ -204,7 +206,6 @@ def pipeline_case(data, work):
     for boundary, stage in zip(model.pipeline_buffers.boundaries, model.pipeline_buffers.stages[1:]):
         if not same_device(boundary.activations.device, stage.device):
             misplaced.append(f"{boundary.activations.name} on {boundary.activations.device}")
-    result["misplaced"] = misplaced
     result["optimizer_slots_checked"] = slots_checked
     result["block_variable_devices"] = {
         block.name: sorted({v.value.device for v in block.weights}) for block in model.local_blocks}
@@ -217,6 +218,13 @@ def pipeline_case(data, work):
         [len(op.inputs) for op in step.graph.get_operations() if op.type == "IdentityN"],
         default=0)
     result["trainable_variables"] = len(model.trainable_variables)
+    # Each stage's conditional (skip while the pipeline fills) on the stage's device, so its
+    # outputs, the stage's gradients, are not sent to another device and back.
+    conds = [op for op in step.graph.get_operations() if op.type in ("If", "StatelessIf")]
+    for op, stage in zip(conds, model.pipeline_buffers.stages[1:]):
+        if not (op.device and same_device(op.device, stage.device)):
+            misplaced.append(f"{op.name} (stage {stage.name}) on {op.device or 'no device'}")
+    result["misplaced"] = misplaced
 
     # Which blocks' weights change at each of the first steps.
     groups = {block.name: block.trainable_weights for block in model.local_blocks}

@@ -144,10 +144,6 @@ class LocalBlock(keras.layers.Layer):
                     kernel_size, strides, nonlin, seed=part_seed(seed, "decoder"),
                     bias_seed=part_seed(seed, "decoder_bias"), dtype=policy,
                     name=f"{self.name}_recon_head")
-            for term in [term for spec in specs for term in spec.metrics]:
-                self.local_metrics[term] = keras.metrics.Mean(name=f"{self.name}_{term}")
-            if "pred" in self.local_loss_spec.heads:
-                self.local_metrics["error"] = keras.metrics.Mean(name=f"{self.name}_error")
 
     @property
     def has_heads(self):
@@ -175,6 +171,18 @@ class LocalBlock(keras.layers.Layer):
                 head.build(shape, tuple(input_shape))
             else:
                 head.build(shape)
+        self.build_metrics()
+
+    def build_metrics(self):
+        """The block's metrics, created with its weights: under layer-wise placement their
+        variables then sit on the block's device, where the step updates them."""
+        if self.local_loss_spec is None:
+            return
+        specs = [self.local_loss_spec] + ([self.unsup_loss_spec] if self.unsup_loss_spec else [])
+        for term in [term for spec in specs for term in spec.metrics]:
+            self.local_metrics[term] = keras.metrics.Mean(name=f"{self.name}_{term}")
+        if "pred" in self.local_loss_spec.heads:
+            self.local_metrics["error"] = keras.metrics.Mean(name=f"{self.name}_error")
 
     def compute_output_shape(self, input_shape):
         shape = tuple(input_shape)

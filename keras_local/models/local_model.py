@@ -215,8 +215,14 @@ class LocalModel(keras.Model):
         self.error_tracker.update_state(error_percent(logits, labels), sample_weight=batch)
 
     def metric_results(self):
-        """The current value of every metric, by name (a step's logs)."""
-        return {m.name: m.result() for m in self.metrics}
+        """The current value of every metric, by name (a step's logs). Under layer-wise
+        placement each is computed on the device that holds it."""
+        results = {}
+        for metric in self.metrics:
+            device = metric.variables[0].value.device if self.placement is not None else None
+            with _on_device(device):
+                results[metric.name] = metric.result()
+        return results
 
     # ------------------------------------------------------------- serialisation
     def get_config(self):

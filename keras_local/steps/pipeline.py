@@ -71,6 +71,7 @@ class Boundary:
     """The buffer between two stages: activations, one-hot labels and a 'valid' flag."""
 
     def __init__(self, name, feature_shape, dtype, num_classes, device):
+        self.device = device
         with device_scope(device):
             self.activations = tf.Variable(
                 tf.zeros((0,) + tuple(feature_shape), dtype),
@@ -83,7 +84,9 @@ class Boundary:
             self.valid = tf.Variable(False, trainable=False, name=f"pipeline_{name}_valid")
 
     def read(self):
-        return self.activations.read_value(), self.labels.read_value(), self.valid.read_value()
+        with device_scope(self.device):  # where the consuming stage runs
+            return (self.activations.read_value(), self.labels.read_value(),
+                    self.valid.read_value())
 
     def write(self, activations, labels, valid):
         self.activations.assign(activations)
@@ -141,7 +144,9 @@ class PipelineExecutor(TensorFlowExecutor):
         if valid is None:
             results = compute()
         else:
-            results = tf.cond(valid, compute, lambda: _skipped(segment, variables, inputs))
+            # On the stage's device: the cond's outputs (the gradients) stay there.
+            with device_scope(segment.device):
+                results = tf.cond(valid, compute, lambda: _skipped(segment, variables, inputs))
         return results[0], results[1:]
 
     def stop_gradient(self, outputs, after):
