@@ -241,6 +241,41 @@ def pipeline_case(data, work):
     result["changed_per_step"] = changed
     result["stages"] = len(model.pipeline_buffers.stages)
 
+    # Filling again (as after a restore), with Adam's moments no longer zero: the stages
+    # that skip their work keep their weights.
+    model.pipeline_buffers.reset()
+    before = {name: [v.numpy().copy() for v in vs] for name, vs in groups.items()}
+    model.train_on_batch(x[:128], y[:128])
+    result["changed_at_refill"] = sorted(
+        name for name, vs in groups.items()
+        if any(not np.array_equal(b, v.numpy()) for b, v in zip(before[name], vs)))
+
+    # The stage-gated updates equal Keras's optimiser apply (every stage valid: full again).
+    from keras_local.steps import pipeline
+
+    for _ in range(len(model.local_blocks)):
+        model.train_on_batch(x[:128], y[:128])
+    reference = kl.build_model("mlp", data["x"].shape[1:], 10, config)
+    reference.compile()
+    reference.set_weights(model.get_weights())
+    reference.optimizer.build(reference.trainable_variables)
+    for mine, theirs in zip(model.optimizer.variables, reference.optimizer.variables):
+        theirs.assign(mine)
+    for model_k in (model, reference):
+        for boundary, source in zip(model_k.pipeline_buffers.boundaries,
+                                    model.pipeline_buffers.boundaries):
+            boundary.write(source.activations, source.labels, source.valid)
+    gated = pipeline.gated_updates_apply
+    pipeline.gated_updates_apply = lambda optimizer: False  # Keras's apply for reference
+    try:
+        reference.train_on_batch(x[:128], y[:128])
+    finally:
+        pipeline.gated_updates_apply = gated
+    model.train_on_batch(x[:128], y[:128])
+    result["gated_vs_apply_max_diff"] = max(
+        float(np.max(np.abs(a.numpy() - b.numpy())))
+        for a, b in zip(model.trainable_variables, reference.trainable_variables))
+
     # Local losses on real data, epoch by epoch.
     history = model.fit(x, y, batch_size=128, epochs=3, shuffle=False, verbose=0)
     result["history"] = {k: [float(v) for v in vs] for k, vs in history.history.items()}

@@ -183,6 +183,15 @@ def test_pipeline_fills_then_trains_every_block_at_every_step(pipelined):
         assert changed[step] == blocks + ["output"]
 
 
+def test_pipeline_stages_that_skip_keep_their_weights_when_it_fills_again(pipelined):
+    # After a restore the buffers are empty while Adam's moments are not: only block 1 trains.
+    assert pipelined["changed_at_refill"] == ["block_1"]
+
+
+def test_pipelined_stage_gated_updates_equal_keras_apply(pipelined):
+    assert pipelined["gated_vs_apply_max_diff"] < 1e-6
+
+
 def test_pipelined_updates_wait_for_no_gradients_of_other_stages(pipelined):
     assert pipelined["widest_identity_n"] < pipelined["trainable_variables"] / 2
 

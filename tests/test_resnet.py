@@ -306,3 +306,13 @@ def test_residual_export_parity(rng, tmp_path, name, changes):
     assert set(metadata["parity_max_abs_diff"]) == {"savedmodel", "onnx"}
     assert max(metadata["parity_max_abs_diff"].values()) < PARITY_TOLERANCE
     assert metadata["parameter_count"] == model.inference_model().count_params()
+
+
+def test_residual_blocks_have_their_local_metrics_once_built():
+    # Block metrics are created when a block is built (on its device under placement);
+    # ResidualConv builds itself, so it must create them too.
+    model = kl.build_model("wresnet10-8", SHAPE, 4, small())
+    names = {m.name for m in model.metrics}
+    for block in model.local_blocks:
+        if block.has_heads:
+            assert {f"{block.name}_pred_loss", f"{block.name}_sim_loss"} <= names, block.name

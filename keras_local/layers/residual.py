@@ -165,6 +165,7 @@ class ResidualConv(LocalBlock):
             self.projection.build((None, self.num_classes))
         for head in self.heads.values():
             head.build(shape)
+        self.build_metrics()
 
     def compute_output_shape(self, input_shape):
         x_shape, skip_shape = (

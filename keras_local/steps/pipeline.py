@@ -13,8 +13,8 @@ One train step t does, for every stage at once:
     stage k > 0 reads boundary k-1: what block k-1 produced at step t-1;
     each stage runs its block forward, its own local loss and its own gradients;
     stage k writes its (gradient-stopped) output and labels into boundary k;
-    one optimiser apply updates every stage's variables, each variable as soon as its
-    own gradient exists.
+    each stage's variables are updated, each as soon as its own gradient exists, and
+    the optimiser's step counter advances once.
 
 No stage reads anything another stage computes in the same step, so the stages have no
 data dependency on each other and the runtime runs them concurrently on their devices
@@ -34,7 +34,12 @@ the current batch's.
 
 Filling the pipeline and epoch accounting. Buffers start with ``valid = False``; a stage
 whose input is not valid skips its work (no forward, no update, no metrics, no BatchNorm
-statistics) and passes ``valid = False`` on. So at the very first step only block 0
+statistics) and passes ``valid = False`` on. Its weights do not move: each stage's updates run under
+its flag, for every optimiser whose Keras ``apply`` is just its ``update_step`` per
+variable (``gated_updates_apply``: no clipping, decoupled weight decay, gradient
+accumulation, loss scaling, EMA or constraints). Otherwise one ``apply`` updates every
+stage, and a skipped stage's zero gradients still move weights whose Adam moments are not
+zero (after a restore). So at the very first step only block 0
 trains; block k trains from step k on, and from step n on every stage trains at every
 step ("full steps"). Keras counts an epoch in batches entering stage 0. The buffers are
 *not* emptied at epoch ends: the last k batches of an epoch reach block k during the
@@ -59,6 +64,7 @@ run at once. Dropout without a seed draws from Keras's global seed generator, a 
 variable that serialises the stages: give dropout blocks a seed (the architectures do).
 """
 
+import keras
 import tensorflow as tf
 
 from keras_local.distribute import device_scope
@@ -129,6 +135,7 @@ class PipelineExecutor(TensorFlowExecutor):
     def __init__(self, model):
         super().__init__(model, per_segment_apply=False)
         self.buffers = model.pipeline_buffers
+        self.stage_valid = {}  # id(variable) -> its stage's 'valid' flag (None: always)
         # Every boundary is read before any stage writes one (automatic control
         # dependencies keep this program order for each buffer variable).
         self.feeds = [boundary.read() for boundary in self.buffers.boundaries]
@@ -139,6 +146,7 @@ class PipelineExecutor(TensorFlowExecutor):
         return self.feeds[index - 1]
 
     def gradients(self, loss_fn, segment, variables, inputs, valid=None):
+        self.stage_valid.update({id(variable): valid for variable in variables})
         compute = lambda: _flat(super(PipelineExecutor, self).gradients(  # noqa: E731
             loss_fn, segment, variables, inputs))
         if valid is None:
@@ -164,8 +172,33 @@ class PipelineExecutor(TensorFlowExecutor):
         # stage's gradients existed, and every update then ran at the same time, contending
         # for memory bandwidth. In cross-replica context (merge_call) it skips the sum, which
         # is the identity here: the pipeline runs without a strategy, on one replica.
-        return tf.distribute.get_replica_context().merge_call(
-            lambda _: TensorFlowExecutor.apply(self, grads, variables, step))
+        if not gated_updates_apply(self.model.optimizer):
+            return tf.distribute.get_replica_context().merge_call(
+                lambda _: TensorFlowExecutor.apply(self, grads, variables, step))
+        # A stage that skipped its work must not move: Adam's update with a zero gradient
+        # still moves a weight whose moments are not zero (after a restore, when the
+        # pipeline fills again). So each stage's updates run under its 'valid' flag,
+        # through the optimiser's update_step, which is what Keras's apply reduces to for
+        # the optimisers gated_updates_apply admits; the step counter advances once.
+        optimizer = self.model.optimizer
+        learning_rate = optimizer.learning_rate
+        stages = {}
+        for grad, variable in zip(grads, variables):
+            valid = self.stage_valid.get(id(variable))
+            stages.setdefault(id(valid), (valid, []))[1].append((grad, variable))
+        for valid, pairs in stages.values():
+            def update(pairs=pairs):
+                for grad, variable in pairs:
+                    with tf.device(variable.value.device):
+                        optimizer.update_step(grad, variable, learning_rate)
+                return tf.constant(True)
+
+            if valid is None:
+                update()
+            else:
+                tf.cond(valid, update, lambda: tf.constant(False))
+        optimizer.iterations.assign_add(1)
+        return []
 
     def run(self, function, when=None):
         if when is None:
@@ -177,6 +210,22 @@ class PipelineExecutor(TensorFlowExecutor):
 
         tf.cond(when, guarded, lambda: tf.constant(False))
         return None
+
+
+def gated_updates_apply(optimizer):
+    """Whether Keras's ``apply`` of ``optimizer`` is only its ``update_step`` per variable
+    and one step of the counter (no clipping, decoupled weight decay, gradient
+    accumulation, loss scaling, EMA or constraints), so that the pipelined step may call
+    ``update_step`` per stage itself."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return False
+    unsupported = ("clipnorm", "clipvalue", "global_clipnorm", "weight_decay", "use_ema",
+                   "gradient_accumulation_steps", "loss_scale_factor")
+    if any(getattr(optimizer, name, None) for name in unsupported):
+        return False
+    return not any(getattr(variable, "constraint", None) is not None
+                   or getattr(variable, "overwrite_with_gradient", False)
+                   for variable in optimizer._trainable_variables)
 
 
 def _flat(out_and_grads):
