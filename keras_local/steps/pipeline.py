@@ -166,12 +166,12 @@ class PipelineExecutor(TensorFlowExecutor):
             boundary.write(out, labels, True if valid is None else valid)
 
     def apply(self, grads, variables, step=None):
-        # Keras's TensorFlow optimiser first sums the gradients over replicas; under the
-        # default strategy that sum is an identity over all of them at once (the IdentityN
-        # of a custom gradient), so no stage's update could start before the slowest
-        # stage's gradients existed, and every update then ran at the same time, contending
-        # for memory bandwidth. In cross-replica context (merge_call) it skips the sum, which
-        # is the identity here: the pipeline runs without a strategy, on one replica.
+        # Neither path goes through Keras's replica sum of the gradients: under the default
+        # strategy that sum is an identity over all of them at once (the IdentityN of a
+        # custom gradient), so no stage's update could start before the slowest stage's
+        # gradients existed, and every update then ran at the same time, contending for
+        # memory bandwidth. In cross-replica context (merge_call) Keras's apply skips the
+        # sum, which is the identity here: the pipeline runs without a strategy.
         if not gated_updates_apply(self.model.optimizer):
             return tf.distribute.get_replica_context().merge_call(
                 lambda _: TensorFlowExecutor.apply(self, grads, variables, step))
@@ -225,7 +225,7 @@ def gated_updates_apply(optimizer):
         return False
     return not any(getattr(variable, "constraint", None) is not None
                    or getattr(variable, "overwrite_with_gradient", False)
-                   for variable in optimizer._trainable_variables)
+                   for variable in getattr(optimizer, "_trainable_variables", []))
 
 
 def _flat(out_and_grads):
