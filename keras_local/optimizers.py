@@ -15,7 +15,7 @@ rate changes (the milestone decays).
 Both are ordinary ``keras.optimizers.Optimizer`` subclasses: ``update_step`` reads
 ``self.iterations`` as Keras's Adam does, so they run on every backend, inside
 ``tf.function(jit_compile=True)``, under tf.distribute, and save/load by name. On
-TensorFlow without a strategy each variable's update is one fused XLA kernel
+TensorFlow without a strategy each variable's update is one fused kernel
 (``keras_local.tf_fused_updates``: same formulas, fewer passes over memory).
 """
 

@@ -1,4 +1,4 @@
-"""Fused optimiser updates on TensorFlow: one XLA kernel per variable.
+"""Fused optimiser updates on TensorFlow: one kernel per variable.
 
 Written as TensorFlow ops, an Adam update of one weight matrix is a dozen element-wise
 ops, each a pass over the weights' memory (moments, temporaries). That is memory-bound
@@ -6,8 +6,8 @@ work, and while blocks train at the same time (the pipelined step, ``Config.pipe
 it slows the matrix products on the other cores, which share the memory bus and the
 last-level cache. Adam (without AMSGrad) is TensorFlow's ``ResourceApplyAdam``: one pass
 over weights, moments and gradient, its epsilon rescaled so that the update is PyTorch's
-(below). AMSGrad and SGD are small XLA kernels (for Adam three loops, XLA's CPU fusions:
-first moment, second moment, weights).
+(below). AMSGrad and SGD are small XLA kernels (AMSGrad's are loops, XLA's CPU fusions:
+moments, maximum, weights).
 
 Used by ``keras_local.optimizers`` when the backend is TensorFlow and no tf.distribute
 strategy is active (``applies``); elsewhere the optimisers run their backend-agnostic ops.
@@ -41,9 +41,10 @@ def adam(variable, m, v, v_max, gradient, learning_rate, step, beta_1, beta_2, e
             _apply_adam(variable, m, v, gradient, learning_rate, step, beta_1, beta_2, epsilon,
                         weight_decay)
             return
-        _adam(variable.handle, m.handle, v.handle, None if v_max is None else v_max.handle,
-              gradient, tf.convert_to_tensor(learning_rate), tf.convert_to_tensor(step),
-              variable.dtype, float(beta_1), float(beta_2), float(epsilon), float(weight_decay))
+        _amsgrad(variable.handle, m.handle, v.handle, v_max.handle, gradient,
+                 tf.convert_to_tensor(learning_rate), tf.convert_to_tensor(step),
+                 variable.dtype, float(beta_1), float(beta_2), float(epsilon),
+                 float(weight_decay))
 
 
 def sgd(variable, buffer, gradient, learning_rate, momentum, weight_decay):
@@ -85,8 +86,8 @@ def _write(handle, value):
 
 
 @tf.function(jit_compile=True, autograph=False)
-def _adam(variable, m, v, v_max, gradient, learning_rate, step, dtype, beta_1, beta_2,
-          epsilon, weight_decay):
+def _amsgrad(variable, m, v, v_max, gradient, learning_rate, step, dtype, beta_1, beta_2,
+             epsilon, weight_decay):
     weights = _read(variable, dtype)
     gradient = tf.cast(gradient, dtype)
     if weight_decay:
@@ -100,9 +101,8 @@ def _adam(variable, m, v, v_max, gradient, learning_rate, step, dtype, beta_1, b
     new_v = new_v + (tf.square(gradient) - new_v) * (1 - beta_2)
     _write(m, new_m)
     _write(v, new_v)
-    if v_max is not None:
-        new_v = tf.maximum(_read(v_max, dtype), new_v)
-        _write(v_max, new_v)
+    new_v = tf.maximum(_read(v_max, dtype), new_v)
+    _write(v_max, new_v)
     denominator = tf.sqrt(new_v) / tf.sqrt(correction_2) + epsilon
     _write(variable, weights - (tf.cast(learning_rate, dtype) / correction_1) * new_m / denominator)
 

@@ -122,9 +122,7 @@ class LocalBlock(keras.layers.Layer):
         self.projection = None
         self.local_metrics = {}
         if self.local_loss_spec is not None:
-            specs = [self.local_loss_spec] + ([self.unsup_loss_spec] if self.unsup_loss_spec
-                                               else [])
-            needed = {head for spec in specs for head in spec.heads}
+            needed = {head for spec in self._loss_specs() for head in spec.heads}
             if bio:
                 self.projection = LabelProjection(
                     num_classes, target_proj_size, seed=part_seed(seed, "projection"),
@@ -178,11 +176,14 @@ class LocalBlock(keras.layers.Layer):
         variables then sit on the block's device, where the step updates them."""
         if self.local_loss_spec is None:
             return
-        specs = [self.local_loss_spec] + ([self.unsup_loss_spec] if self.unsup_loss_spec else [])
-        for term in [term for spec in specs for term in spec.metrics]:
+        for term in [term for spec in self._loss_specs() for term in spec.metrics]:
             self.local_metrics[term] = keras.metrics.Mean(name=f"{self.name}_{term}")
         if "pred" in self.local_loss_spec.heads:
             self.local_metrics["error"] = keras.metrics.Mean(name=f"{self.name}_error")
+
+    def _loss_specs(self):
+        """The block's local loss spec and, if any, its unsupervised one."""
+        return [self.local_loss_spec] + ([self.unsup_loss_spec] if self.unsup_loss_spec else [])
 
     def compute_output_shape(self, input_shape):
         shape = tuple(input_shape)

@@ -64,12 +64,11 @@ run at once. Dropout without a seed draws from Keras's global seed generator, a 
 variable that serialises the stages: give dropout blocks a seed (the architectures do).
 """
 
-import keras
 import tensorflow as tf
 
 from keras_local.distribute import device_scope
 from keras_local.steps import rule
-from keras_local.steps.tensorflow import TensorFlowExecutor
+from keras_local.steps.tensorflow import TensorFlowExecutor, per_call_safe
 from keras_local.steps.tensorflow import test_step  # noqa: F401  (evaluation is not pipelined)
 
 
@@ -191,12 +190,8 @@ class PipelineExecutor(TensorFlowExecutor):
                 for grad, variable in pairs:
                     with tf.device(variable.value.device):
                         optimizer.update_step(grad, variable, learning_rate)
-                return tf.constant(True)
 
-            if valid is None:
-                update()
-            else:
-                tf.cond(valid, update, lambda: tf.constant(False))
+            self.run(update, when=valid)
         optimizer.iterations.assign_add(1)
         return []
 
@@ -217,10 +212,10 @@ def gated_updates_apply(optimizer):
     and one step of the counter (no clipping, decoupled weight decay, gradient
     accumulation, loss scaling, EMA or constraints), so that the pipelined step may call
     ``update_step`` per stage itself."""
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+    if not per_call_safe(optimizer):  # loss-scale wrapper, global clip, EMA
         return False
-    unsupported = ("clipnorm", "clipvalue", "global_clipnorm", "weight_decay", "use_ema",
-                   "gradient_accumulation_steps", "loss_scale_factor")
+    unsupported = ("clipnorm", "clipvalue", "weight_decay", "gradient_accumulation_steps",
+                   "loss_scale_factor")
     if any(getattr(optimizer, name, None) for name in unsupported):
         return False
     return not any(getattr(variable, "constraint", None) is not None
