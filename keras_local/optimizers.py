@@ -53,6 +53,12 @@ class TorchAdam(keras.optimizers.Optimizer):
             self._velocity_maxima = self.add_optimizer_variables(variables, "velocity_max")
 
     def update_step(self, gradient, variable, learning_rate):
+        self.update_step_at(gradient, variable, learning_rate, self.iterations + 1)
+
+    def update_step_at(self, gradient, variable, learning_rate, step):
+        """``update_step`` at step t = ``step`` (a caller that updates many variables in
+        one training step may read the counter once: the pipelined step, once per stage,
+        on the stage's device)."""
         index = self._get_variable_index(variable)
         m = self._momentums[index]
         v = self._velocities[index]
@@ -60,13 +66,13 @@ class TorchAdam(keras.optimizers.Optimizer):
         fused = _fused_kernels(variable, m, v, v_max)
         if fused is not None:
             kernels, (variable, m, v, v_max) = fused
-            kernels.adam(variable, m, v, v_max, gradient, learning_rate, self.iterations + 1,
+            kernels.adam(variable, m, v, v_max, gradient, learning_rate, step,
                          self.beta_1, self.beta_2, self.epsilon, self.coupled_weight_decay)
             return
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
         gradient = _coupled_decay(gradient, variable, self.coupled_weight_decay)
-        step = ops.cast(self.iterations + 1, dtype)
+        step = ops.cast(step, dtype)
         correction_1 = 1 - ops.power(ops.cast(self.beta_1, dtype), step)
         correction_2 = 1 - ops.power(ops.cast(self.beta_2, dtype), step)
         self.assign_add(m, (gradient - m) * (1 - self.beta_1))

@@ -218,10 +218,15 @@ def pipeline_case(data, work):
         [len(op.inputs) for op in step.graph.get_operations() if op.type == "IdentityN"],
         default=0)
     result["trainable_variables"] = len(model.trainable_variables)
-    # Each stage's conditional (skip while the pipeline fills) on the stage's device, so its
-    # outputs, the stage's gradients, are not sent to another device and back.
+    # Each stage's conditionals (skip while the pipeline fills: its gradients, then its
+    # updates) on the stage's device, so that their inputs and outputs (the gradients,
+    # the step counter) are not sent to another device and back; the output metrics' one
+    # on the output stage's.
     conds = [op for op in step.graph.get_operations() if op.type in ("If", "StatelessIf")]
-    for op, stage in zip(conds, model.pipeline_buffers.stages[1:]):
+    waiting_stages = model.pipeline_buffers.stages[1:]
+    expected = waiting_stages + waiting_stages + waiting_stages[-1:]
+    result["pipeline_conds"] = [len(conds), len(expected)]
+    for op, stage in zip(conds, expected):
         if not (op.device and same_device(op.device, stage.device)):
             misplaced.append(f"{op.name} (stage {stage.name}) on {op.device or 'no device'}")
     result["misplaced"] = misplaced

@@ -168,6 +168,8 @@ def pipelined(data_path, tmp_path_factory):
 def test_pipeline_blocks_live_on_their_assigned_devices(pipelined):
     assert pipelined["assigned"] == ["/device:CPU:0", "/device:CPU:1"] * 2
     assert pipelined["misplaced"] == []
+    conds, expected = pipelined["pipeline_conds"]
+    assert conds == expected
     assert pipelined["optimizer_slots_checked"] > 0
     for block, expected in zip(sorted(pipelined["block_variable_devices"]), pipelined["assigned"]):
         (device,) = pipelined["block_variable_devices"][block]

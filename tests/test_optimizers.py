@@ -100,6 +100,21 @@ def test_adam_matches_pytorch_formula(rng, amsgrad, weight_decay, steps, update_
     assert np.abs(got - w).max() > 1e-4  # the step did move the weights
 
 
+def test_adam_update_at_a_given_step_uses_that_step_and_leaves_the_counter(rng, update_path):
+    """``update_step_at`` (the pipelined step reads the counter once per stage): fresh
+    moments updated as step t = 3, by torch's formula at t = 3."""
+    w, (g,) = draws(rng, 1)
+    optimizer = TorchAdam(learning_rate=1e-3)
+    variable = keras.Variable(w.astype("float32"))
+    optimizer.build([variable])
+    optimizer.update_step_at(keras.ops.convert_to_tensor(g.astype("float32")), variable,
+                             keras.ops.convert_to_tensor(1e-3), keras.ops.convert_to_tensor(3))
+    m, v, t = 0.1 * g, 0.001 * g * g, 3
+    want = w - 1e-3 / (1 - 0.9**t) * m / (np.sqrt(v) / np.sqrt(1 - 0.999**t) + 1e-8)
+    assert_float32_close(keras.ops.convert_to_numpy(variable), want, 1)
+    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 0
+
+
 def test_keras_adam_places_epsilon_differently(rng):
     """The test above can fail: Keras's Adam misses the same formula on tiny gradients."""
     w, grads = draws(rng, 1)

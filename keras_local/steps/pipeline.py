@@ -134,7 +134,7 @@ class PipelineExecutor(TensorFlowExecutor):
     def __init__(self, model):
         super().__init__(model, per_segment_apply=False)
         self.buffers = model.pipeline_buffers
-        self.stage_valid = {}  # id(variable) -> its stage's 'valid' flag (None: always)
+        self.stages_of = {}  # id(variable) -> (its stage's 'valid' flag or None, its device)
         # Every boundary is read before any stage writes one (automatic control
         # dependencies keep this program order for each buffer variable).
         self.feeds = [boundary.read() for boundary in self.buffers.boundaries]
@@ -145,7 +145,7 @@ class PipelineExecutor(TensorFlowExecutor):
         return self.feeds[index - 1]
 
     def gradients(self, loss_fn, segment, variables, inputs, valid=None):
-        self.stage_valid.update({id(variable): valid for variable in variables})
+        self.stages_of.update({id(variable): (valid, segment.device) for variable in variables})
         compute = lambda: _flat(super(PipelineExecutor, self).gradients(  # noqa: E731
             loss_fn, segment, variables, inputs))
         if valid is None:
@@ -179,19 +179,27 @@ class PipelineExecutor(TensorFlowExecutor):
         # pipeline fills again). So each stage's updates run under its 'valid' flag,
         # through the optimiser's update_step, which is what Keras's apply reduces to for
         # the optimisers gated_updates_apply admits; the step counter advances once.
+        # Each stage's conditional, step and learning rate sit on the stage's device: read
+        # there once, not sent from the counter's device for every variable.
         optimizer = self.model.optimizer
-        learning_rate = optimizer.learning_rate
+        update_at = getattr(optimizer, "update_step_at", None)
         stages = {}
         for grad, variable in zip(grads, variables):
-            valid = self.stage_valid.get(id(variable))
-            stages.setdefault(id(valid), (valid, []))[1].append((grad, variable))
-        for valid, pairs in stages.values():
+            valid, device = self.stages_of.get(id(variable), (None, None))
+            stages.setdefault((id(valid), device), (valid, device, []))[2].append((grad, variable))
+        for valid, device, pairs in stages.values():
             def update(pairs=pairs):
+                learning_rate = tf.identity(optimizer.learning_rate)
+                step = optimizer.iterations + 1 if update_at is not None else None
                 for grad, variable in pairs:
                     with tf.device(variable.value.device):
-                        optimizer.update_step(grad, variable, learning_rate)
+                        if update_at is not None:
+                            update_at(grad, variable, learning_rate, step)
+                        else:
+                            optimizer.update_step(grad, variable, learning_rate)
 
-            self.run(update, when=valid)
+            with device_scope(device):
+                self.run(update, when=valid)
         optimizer.iterations.assign_add(1)
         return []
 

@@ -156,7 +156,8 @@ def train(model, executor, inputs, labels_onehot):
     if not per_segment:
         executor.apply(all_grads, all_variables)
     logits, labels, valid = outputs[-1]
-    executor.run(lambda: model.update_output_metrics(logits, labels), when=valid)
+    with executor.device_scope(segment.device):
+        executor.run(lambda: model.update_output_metrics(logits, labels), when=valid)
     return executor.run(model.metric_results)
 
 
