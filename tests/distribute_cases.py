@@ -218,13 +218,13 @@ def pipeline_case(data, work):
         [len(op.inputs) for op in step.graph.get_operations() if op.type == "IdentityN"],
         default=0)
     result["trainable_variables"] = len(model.trainable_variables)
-    # Each stage's conditional (skip while the pipeline fills: its gradients and updates)
-    # on the stage's device, so that its inputs and outputs (the stage's output, the step
-    # counter) are not sent to another device and back; the output metrics' one on the
-    # output stage's.
+    # Each stage's conditionals (skip while the pipeline fills: its gradients, then its
+    # updates) on the stage's device, so that their inputs and outputs (the gradients,
+    # the step counter) are not sent to another device and back; the output metrics' one
+    # on the output stage's.
     conds = [op for op in step.graph.get_operations() if op.type in ("If", "StatelessIf")]
     waiting_stages = model.pipeline_buffers.stages[1:]
-    expected = waiting_stages + waiting_stages[-1:]
+    expected = waiting_stages + waiting_stages + waiting_stages[-1:]
     result["pipeline_conds"] = [len(conds), len(expected)]
     for op, stage in zip(conds, expected):
         if not (op.device and same_device(op.device, stage.device)):

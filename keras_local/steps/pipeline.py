@@ -134,9 +134,7 @@ class PipelineExecutor(TensorFlowExecutor):
     def __init__(self, model):
         super().__init__(model, per_segment_apply=False)
         self.buffers = model.pipeline_buffers
-        # Each stage updates its own variables inside its own conditional, right after its
-        # gradients (update_stage); otherwise one optimiser apply at the end of the step.
-        self.updates_in_stage = gated_updates_apply(model.optimizer)
+        self.stages_of = {}  # id(variable) -> (its stage's 'valid' flag or None, its device)
         # Every boundary is read before any stage writes one (automatic control
         # dependencies keep this program order for each buffer variable).
         self.feeds = [boundary.read() for boundary in self.buffers.boundaries]
@@ -147,19 +145,15 @@ class PipelineExecutor(TensorFlowExecutor):
         return self.feeds[index - 1]
 
     def gradients(self, loss_fn, segment, variables, inputs, valid=None):
-        def compute():
-            out, grads = TensorFlowExecutor.gradients(self, loss_fn, segment, variables, inputs)
-            if self.updates_in_stage:
-                self.update_stage(grads, variables)
-                grads = []
-            return [tf.stop_gradient(out)] + list(grads)
-
-        def skip():
-            return _skipped(segment, [] if self.updates_in_stage else variables, inputs)
-
-        # On the stage's device: the cond's outputs (its output, its gradients) stay there.
-        with device_scope(segment.device):
-            results = compute() if valid is None else tf.cond(valid, compute, skip)
+        self.stages_of.update({id(variable): (valid, segment.device) for variable in variables})
+        compute = lambda: _flat(super(PipelineExecutor, self).gradients(  # noqa: E731
+            loss_fn, segment, variables, inputs))
+        if valid is None:
+            results = compute()
+        else:
+            # On the stage's device: the cond's outputs (the gradients) stay there.
+            with device_scope(segment.device):
+                results = tf.cond(valid, compute, lambda: _skipped(segment, variables, inputs))
         return results[0], results[1:]
 
     def stop_gradient(self, outputs, after):
@@ -170,35 +164,44 @@ class PipelineExecutor(TensorFlowExecutor):
         for boundary, (out, labels, valid) in zip(self.buffers.boundaries, outputs):
             boundary.write(out, labels, True if valid is None else valid)
 
-    def update_stage(self, grads, variables):
-        """One stage's updates, inside the stage's conditional: a stage that skipped its
-        work does not move (Adam's update with a zero gradient still moves a weight whose
-        moments are not zero, after a restore, when the pipeline fills again). Through the
-        optimiser's update_step, which is what Keras's apply reduces to for the optimisers
-        gated_updates_apply admits; the step and learning rate are read once, on the
-        stage's device."""
-        optimizer = self.model.optimizer
-        learning_rate = tf.identity(optimizer.learning_rate)
-        update_at = getattr(optimizer, "update_step_at", None)
-        step = optimizer.iterations + 1 if update_at is not None else None
-        for grad, variable in zip(grads, variables):
-            with tf.device(variable.value.device):
-                if update_at is not None:
-                    update_at(grad, variable, learning_rate, step)
-                else:
-                    optimizer.update_step(grad, variable, learning_rate)
-
     def apply(self, grads, variables, step=None):
-        if self.updates_in_stage:  # the stages updated their variables; count the step
-            self.model.optimizer.iterations.assign_add(1)
-            return []
-        # Not through Keras's replica sum of the gradients: under the default strategy
-        # that sum is an identity over all of them at once (the IdentityN of a custom
-        # gradient), so no stage's update could start before the slowest stage's
-        # gradients existed. In cross-replica context (merge_call) Keras's apply skips the
+        # Neither path goes through Keras's replica sum of the gradients: under the default
+        # strategy that sum is an identity over all of them at once (the IdentityN of a
+        # custom gradient), so no stage's update could start before the slowest stage's
+        # gradients existed, and every update then ran at the same time, contending for
+        # memory bandwidth. In cross-replica context (merge_call) Keras's apply skips the
         # sum, which is the identity here: the pipeline runs without a strategy.
-        return tf.distribute.get_replica_context().merge_call(
-            lambda _: TensorFlowExecutor.apply(self, grads, variables, step))
+        if not gated_updates_apply(self.model.optimizer):
+            return tf.distribute.get_replica_context().merge_call(
+                lambda _: TensorFlowExecutor.apply(self, grads, variables, step))
+        # A stage that skipped its work must not move: Adam's update with a zero gradient
+        # still moves a weight whose moments are not zero (after a restore, when the
+        # pipeline fills again). So each stage's updates run under its 'valid' flag,
+        # through the optimiser's update_step, which is what Keras's apply reduces to for
+        # the optimisers gated_updates_apply admits; the step counter advances once.
+        # Each stage's conditional, step and learning rate sit on the stage's device: read
+        # there once, not sent from the counter's device for every variable.
+        optimizer = self.model.optimizer
+        update_at = getattr(optimizer, "update_step_at", None)
+        stages = {}
+        for grad, variable in zip(grads, variables):
+            valid, device = self.stages_of.get(id(variable), (None, None))
+            stages.setdefault((id(valid), device), (valid, device, []))[2].append((grad, variable))
+        for valid, device, pairs in stages.values():
+            def update(pairs=pairs):
+                learning_rate = tf.identity(optimizer.learning_rate)
+                step = optimizer.iterations + 1 if update_at is not None else None
+                for grad, variable in pairs:
+                    with tf.device(variable.value.device):
+                        if update_at is not None:
+                            update_at(grad, variable, learning_rate, step)
+                        else:
+                            optimizer.update_step(grad, variable, learning_rate)
+
+            with device_scope(device):
+                self.run(update, when=valid)
+        optimizer.iterations.assign_add(1)
+        return []
 
     def run(self, function, when=None):
         if when is None:
@@ -226,6 +229,11 @@ def gated_updates_apply(optimizer):
     return not any(getattr(variable, "constraint", None) is not None
                    or getattr(variable, "overwrite_with_gradient", False)
                    for variable in getattr(optimizer, "_trainable_variables", []))
+
+
+def _flat(out_and_grads):
+    out, grads = out_and_grads
+    return [tf.stop_gradient(out)] + list(grads)
 
 
 def _skipped(segment, variables, x):
