@@ -130,7 +130,8 @@ def train(model, executor, inputs, labels_onehot):
     all_grads, all_variables = [], []
     previous = inputs
     outputs = []
-    for index, segment in enumerate(plan(model)):
+    segments = plan(model)
+    for index, segment in enumerate(segments):
         x, labels, valid = executor.segment_input(index, previous, labels_onehot)
         scale = executor.replica_scale
 
@@ -156,7 +157,7 @@ def train(model, executor, inputs, labels_onehot):
     if not per_segment:
         executor.apply(all_grads, all_variables)
     logits, labels, valid = outputs[-1]
-    with executor.device_scope(segment.device):
+    with executor.device_scope(segments[-1].device):
         executor.run(lambda: model.update_output_metrics(logits, labels), when=valid)
     return executor.run(model.metric_results)
 
