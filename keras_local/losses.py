@@ -84,10 +84,14 @@ def pred_loss(logits, labels_onehot):
 
 
 def binary_pred_loss(logits, binary_targets):
-    """Sigmoid binary cross-entropy with {0, 1} targets, mean over all entries."""
+    """Sigmoid binary cross-entropy with {0, 1} targets, mean over all entries; its
+    gradient is (sigmoid(logits) - targets) / size everywhere, at logit 0 included."""
     logits = ops.cast(logits, "float32")
-    # max(z, 0) - z*t + log(1 + exp(-|z|)): the stable form of BCE with logits.
-    losses = ops.relu(logits) - logits * binary_targets + ops.log1p(ops.exp(-ops.abs(logits)))
+    # softplus(z) - z*t, not the textbook max(z, 0) - z*t + log1p(exp(-|z|)): autodiff
+    # takes the derivative of max and |.| at 0 as 0, so that form's gradient at z = 0 is
+    # -t instead of sigmoid(0) - t, and a pred head whose weights start at zero has
+    # every logit at exactly 0 on its first step.
+    losses = ops.softplus(logits) - logits * ops.cast(binary_targets, "float32")
     return ops.mean(losses)
 
 

@@ -69,6 +69,29 @@ def test_binary_pred_loss_is_mean_sigmoid_bce(rng):
     np.testing.assert_allclose(float(binary_pred_loss(logits, targets)), expected, rtol=1e-5)
 
 
+def test_binary_pred_loss_gradient_at_zero_logits(input_gradient):
+    # The bio pred head starts at zero weights, so every logit is exactly 0 on the first
+    # step: the gradient there must be (sigmoid(0) - t) / size, as PyTorch's
+    # binary_cross_entropy_with_logits gives, not -t / size (a kink taken as flat).
+    targets = np.array([[1, 0, 1, 0]], dtype="float32")
+    grad = input_gradient(lambda z: binary_pred_loss(z, targets), np.zeros((1, 4), "float32"))
+    np.testing.assert_allclose(grad, [[-0.125, 0.125, -0.125, 0.125]], rtol=1e-6)
+    assert float(binary_pred_loss(np.zeros((1, 4), "float32"), targets)) == pytest.approx(
+        np.log(2.0), rel=1e-6)
+
+
+def test_binary_pred_loss_at_large_logits(input_gradient):
+    logits = np.array([[-200.0, -200.0, 200.0, 200.0, -30.0, 30.0]], dtype="float32")
+    targets = np.array([[0, 1, 0, 1, 0, 1]], dtype="float32")
+    # Per entry: loss softplus(z) - z t, gradient (sigmoid(z) - t) / 6.
+    expected_loss = (0 + 200 + 200 + 0 + np.log1p(np.exp(-30.0)) * 2) / 6
+    loss = float(binary_pred_loss(logits, targets))
+    assert np.isfinite(loss) and loss == pytest.approx(expected_loss, rel=1e-6)
+    grad = input_gradient(lambda z: binary_pred_loss(z, targets), logits)
+    sigmoid = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    np.testing.assert_allclose(grad, (sigmoid - targets) / 6, rtol=1e-5, atol=1e-12)
+
+
 def test_predsim_weights_terms_by_beta():
     assert float(predsim_loss(2.0, 4.0, 0.99)) == pytest.approx(0.01 * 2.0 + 0.99 * 4.0)
 
