@@ -206,7 +206,8 @@ class SimilarityImages(keras.callbacks.Callback):
     """TensorBoard images of what each block learns (TensorFlow backend).
 
     After every epoch, for every local block: the similarity matrix S(h) of the block's
-    output h (inference mode) on a fixed batch of test images sorted by class, beside the
+    output h (inference mode; a residual conv's main-path output, not the skip it carries)
+    on a fixed batch of test images sorted by class, beside the
     label similarity S(onehot(y)) that the sim loss pulls it towards. Tag
     ``similarity/<block name>`` (e.g. ``similarity/block_1``), step = epoch (from 0), in
     ``log_dir``. ``images`` are normalised model inputs.
@@ -239,7 +240,9 @@ class SimilarityImages(keras.callbacks.Callback):
             for layer in self.model.feature_layers:
                 h = layer(h, training=False)
                 if isinstance(layer, LocalBlock):
-                    similarity = keras.ops.convert_to_numpy(similarity_matrix(h))
+                    # Residual convs pass (output, block input) on to the next conv.
+                    output = h[0] if isinstance(h, (tuple, list)) else h
+                    similarity = keras.ops.convert_to_numpy(similarity_matrix(output))
                     picture = similarity_picture(similarity, self.label_similarity, self.scale)
                     tf.summary.image(f"similarity/{layer.name}", picture[None], step=epoch,
                                      description="left: similarity of the block's output "

@@ -110,3 +110,31 @@ def test_epoch_seconds_include_the_work_between_epochs():
     seconds = history["epoch_seconds"]
     assert len(seconds) == 3  # the first one includes tracing: no bound
     assert all(s >= 0.3 for s in seconds[1:]), seconds
+
+
+@pytest.mark.parametrize("model", ["resnet18", "wresnet10-8a"])
+def test_similarity_images_of_residual_networks(tmp_path, model):
+    """Residual convs hand (output, block input) to the next conv: each block's picture is
+    of its output, one row and column per example."""
+    import keras
+
+    from keras_local.callbacks import SimilarityImages
+    from keras_local.config import Config
+    from keras_local.training import build_model
+
+    config = Config(dataset="cifar10", model=model, feat_mult=0.125, jit_compile=False,
+                    backend=keras.backend.backend())
+    network = build_model(model, (32, 32, 3), 10, config)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(8, 32, 32, 3)).astype("float32")
+    network(images)
+    callback = SimilarityImages(str(tmp_path), images, np.arange(8) % 4, 10, scale=1)
+    callback.set_model(network)
+    callback.on_train_begin()
+    callback.on_epoch_end(0)
+    callback.on_train_end()
+    accumulator = event_tensors(str(tmp_path))
+    tags = accumulator.Tags()["tensors"]
+    assert len(tags) == len(network.local_blocks) > 2
+    for tag in tags:
+        assert decode(accumulator.Tensors(tag)[0]).shape == (8, 2 * 8 + 2, 3)
