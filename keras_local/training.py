@@ -141,6 +141,8 @@ class PreparedRun:
     test: tuple
     model: keras.Model
     strategy: object = None  # tf.distribute.Strategy on TensorFlow, else None
+    # (normalised images, labels) of the per-block similarity pictures, or None
+    similarity_sample: tuple = None
 
 
 def check_backend_support(config, backend):
@@ -238,10 +240,12 @@ def prepare(config):
                           stacklevel=2)
     keras.utils.set_random_seed(config.seed)
     train, test = load_arrays(config)
+    sample = similarity_sample(config, test)
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         model = build_model(config.model, info.input_shape, info.num_classes, config)
         model.compile()
-    return PreparedRun(config=config, train=train, test=test, model=model, strategy=strategy)
+    return PreparedRun(config=config, train=train, test=test, model=model, strategy=strategy,
+                       similarity_sample=sample)
 
 
 def _distribute():
@@ -319,7 +323,8 @@ def train_prepared(prepared, verbose=1, export=True):
     elif verbose:
         print("TensorFlow is not installed: no TensorBoard logs (history.csv has the numbers)")
     if with_tensorflow and keras.backend.backend() == "tensorflow":
-        callbacks[-1:-1] = tensorboard_method_callbacks(config, run_dir, test)
+        callbacks[-1:-1] = tensorboard_method_callbacks(config, run_dir,
+                                                        prepared.similarity_sample)
     if verbose:
         callbacks.append(CompactProgbar())
     fit_started = time.perf_counter()
@@ -361,24 +366,33 @@ def train_prepared(prepared, verbose=1, export=True):
     return result
 
 
-def tensorboard_method_callbacks(config, run_dir, test):
-    """The run's HParams, and per-block similarity images on ``config.similarity_examples``
-    test images sorted by class (TensorFlow backend)."""
+def similarity_sample(config, test):
+    """(normalised images, labels): the ``config.similarity_examples`` test images of the
+    similarity pictures, sorted by class; None when there are none (or no TensorFlow).
+    Decoded here, before the run directory exists, as large image folders hold paths."""
+    if not config.similarity_examples or keras.backend.backend() != "tensorflow":
+        return None
+    chosen = class_sorted_sample(test[1], config.similarity_examples)
+    images = _check_images(config, (test[0][chosen],), limit=len(chosen))
+    return normalise_numpy(images, dataset_info(config)), test[1][chosen]
+
+
+def tensorboard_method_callbacks(config, run_dir, sample):
+    """The run's HParams, and per-block similarity images of ``sample`` (similarity_sample)
+    after each epoch (TensorFlow backend)."""
     log_dir = os.path.join(run_dir, "logs")
     callbacks = [HParamsSummary(log_dir, config, trial_id=os.path.basename(run_dir))]
-    if config.similarity_examples:
-        info = dataset_info(config)
-        chosen = class_sorted_sample(test[1], config.similarity_examples)
-        callbacks.append(SimilarityImages(os.path.join(log_dir, "similarity"),
-                                          normalise_numpy(test[0][chosen], info),
-                                          test[1][chosen], info.num_classes))
+    if sample is not None:
+        images, labels = sample
+        callbacks.append(SimilarityImages(os.path.join(log_dir, "similarity"), images, labels,
+                                          dataset_info(config).num_classes))
     return callbacks
 
 
-def _check_images(config, test):
+def _check_images(config, test, limit=None):
     """Raw-pixel test images for the export's parity check (decoded for image folders)."""
     if config.dataset in ("folder", "imagenet"):
         from keras_local.data.folders import check_images
 
-        return check_images(config, test)
-    return test[0][:256]
+        return check_images(config, test, limit=limit or 64)
+    return test[0][:limit or 256]
