@@ -138,7 +138,7 @@ def find_recipe(values):
     width multiplier, cutout and method; None when the paper has no such row."""
     if values.get("bio") or values.get("no_detach"):
         return None
-    method = "backprop" if values.get("backprop") else values.get("loss_sup", "predsim")
+    method = run_method(values)
     for recipe in RECIPES.values():
         options = recipe.options
         if (options["dataset"] == values.get("dataset") and options["model"] == values.get("model")
@@ -149,10 +149,45 @@ def find_recipe(values):
     return None
 
 
+def run_method(values):
+    """The method (one of METHODS) the Config fields ``values`` train with."""
+    return "backprop" if values.get("backprop") else values.get("loss_sup", "predsim")
+
+
+def _shown(value):
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else f"{value:g}" \
+        if isinstance(value, float) else str(value)
+
+
+def recipe_changes(recipe, values, explicit):
+    """What of ``recipe`` the run ``values`` changed, as 'field value (recipe: value)'
+    texts: the recipe's options given otherwise on the command line, its method, and
+    the variants no recipe has (bio, no_detach)."""
+    changes = [f"{key} {_shown(values[key])} (recipe: {_shown(recipe.options[key])})"
+               for key in recipe.options if key in explicit and values.get(key) !=
+               recipe.options[key]]
+    if run_method(values) != recipe.method:
+        changes.append(f"method {run_method(values)} (recipe: {recipe.method})")
+    changes += [key for key in ("bio", "no_detach") if values.get(key)]
+    return changes
+
+
+def scaled_milestones(milestones, recipe_epochs, epochs):
+    """The learning-rate milestones of a ``recipe_epochs`` schedule scaled to ``epochs``
+    (proportionally, rounded down, at least epoch 1): 100 150 175 188 of 200 -> 20 30 35
+    37 of 40."""
+    return tuple(max(1, m * epochs // recipe_epochs) for m in milestones)
+
+
 def apply_recipe(values, explicit, name=None):
     """``values`` (Config fields) with a recipe's options filled in; options in
     ``explicit`` (given on the command line) win. ``name``: a recipe, "none" (nothing
     applied) or None (the recipe ``find_recipe`` matches, if any).
+
+    An explicit ``epochs`` shorter than the recipe's, without explicit milestones, scales
+    the recipe's milestones to it (``scaled_milestones``). When explicit options change
+    the recipe (``recipe_changes``) the note names them and ``values["recipe"]`` records
+    "NAME with changes: field, ...": its published number is not this run's.
 
     Returns (values, one-line note saying which recipe was used, or None).
     """
@@ -163,12 +198,27 @@ def apply_recipe(values, explicit, name=None):
     if recipe is None:
         return values, None
     values.update({key: value for key, value in recipe.options.items() if key not in explicit})
-    values["recipe"] = recipe.name
+    scaled = ""
+    if ("epochs" in explicit and "lr_decay_milestones" not in explicit
+            and values["epochs"] < recipe.options["epochs"]):
+        values["lr_decay_milestones"] = scaled_milestones(
+            recipe.options["lr_decay_milestones"], recipe.options["epochs"], values["epochs"])
+        scaled = (f"; its lr milestones scaled to {values['epochs']} epochs: "
+                  f"{_shown(values['lr_decay_milestones'])}")
     how = "" if name is not None else (f" for --dataset {values['dataset']} --model "
                                        f"{values['model']}")
-    note = (f"using the paper's recipe {recipe.name}{how} (published test error "
-            f"{recipe.published_error:.2f}%)" + (", --recipe none for the script's defaults"
-                                                 if name is None else ""))
+    tail = ", --recipe none for the script's defaults" if name is None else ""
+    changes = recipe_changes(recipe, values, explicit)
+    if changes:
+        values["recipe"] = (f"{recipe.name} with changes: "
+                            + ", ".join(change.split(" ")[0] for change in changes))
+        note = (f"recipe {recipe.name}{how} with your changes: {', '.join(changes)} (its "
+                f"published test error {recipe.published_error:.2f}% is for the recipe "
+                f"unchanged){scaled}{tail}")
+    else:
+        values["recipe"] = recipe.name
+        note = (f"using the paper's recipe {recipe.name}{how} (published test error "
+                f"{recipe.published_error:.2f}%){scaled}{tail}")
     return values, note
 
 

@@ -58,7 +58,10 @@ def test_explicit_options_override_a_recipe():
     values, note = apply_recipe(dict(dataset="cifar10", model="vgg8b", dropout=0.5, lr=1.0),
                                 explicit={"dropout"}, name="fashion_mnist-mlp-predsim")
     assert values["dropout"] == 0.5 and values["lr"] == 5e-4 and values["model"] == "mlp"
-    assert values["recipe"] == "fashion_mnist-mlp-predsim" and "8.54%" in note
+    assert values["recipe"] == "fashion_mnist-mlp-predsim with changes: dropout"
+    assert note.startswith("recipe fashion_mnist-mlp-predsim with your changes: dropout 0.5 "
+                           "(recipe: 0.025) (its published test error 8.54% is for the recipe "
+                           "unchanged)")
 
 
 def test_the_matching_recipe_applies_unless_none():
@@ -104,6 +107,45 @@ def test_fashion_mnist_mlp_recipe_trains_one_epoch(tmp_path, fashion_mnist_dir):
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["recipe"], config["num_layers"], config["num_hidden"], config["dropout"],
             config["nonlin"], config["epochs"]) == (
-        "fashion_mnist-mlp-predsim", 3, 64, 0.025, "leakyrelu", 1)
+        "fashion_mnist-mlp-predsim with changes: epochs", 3, 64, 0.025, "leakyrelu", 1)
     # 4 steps of a predsim output layer (its loss weighted 1 - beta): only check it ran.
     assert 0.0 <= json.loads((run_dir / "results.json").read_text())["test_error"] <= 100.0
+
+
+def cli_recipe(argv):
+    """(Config values, note) that train.py derives from ``argv``, without training."""
+    from keras_local.cli.train import parse_args, recipe_config_values
+
+    return recipe_config_values(parse_args(argv), argv)
+
+
+def test_a_recipe_changed_by_flags_says_so_and_is_not_recorded_as_is():
+    values, note = cli_recipe(["--recipe", "mnist-mlp-predsim", "--dataset",
+                               "fashion_mnist_demo", "--model", "vgg8b", "--backprop"])
+    assert note == ("recipe mnist-mlp-predsim with your changes: dataset fashion_mnist_demo "
+                    "(recipe: mnist), model vgg8b (recipe: mlp), method backprop (recipe: "
+                    "predsim) (its published test error 0.62% is for the recipe unchanged)")
+    assert values["recipe"] == "mnist-mlp-predsim with changes: dataset, model, method"
+    assert values["lr"] == 5e-4 and values["dropout"] == 0.1  # the rest is the recipe's
+    # Flags equal to the recipe's values change nothing.
+    values, note = cli_recipe(["--recipe", "mnist-mlp-predsim", "--dataset", "mnist",
+                               "--lr", "0.0005"])
+    assert values["recipe"] == "mnist-mlp-predsim"
+    assert note == "using the paper's recipe mnist-mlp-predsim (published test error 0.62%)"
+
+
+def test_shorter_epochs_scale_the_recipe_milestones():
+    values, note = cli_recipe(["--recipe", "fashion_mnist-mlp-predsim", "--epochs", "40"])
+    assert values["lr_decay_milestones"] == (20, 30, 35, 37)  # of 100 150 175 188 / 200
+    assert note.endswith("; its lr milestones scaled to 40 epochs: 20 30 35 37")
+    assert "epochs 40 (recipe: 200)" in note
+    # The matched recipe (no --recipe) too; a 1-epoch run keeps its learning rate.
+    values, note = cli_recipe(["--dataset", "mnist", "--model", "mlp", "--epochs", "1"])
+    assert values["recipe"] == "mnist-mlp-predsim with changes: epochs"
+    assert values["lr_decay_milestones"] == (1, 1, 1, 1)
+    # Explicit milestones, or a longer run, keep what was asked.
+    values, _ = cli_recipe(["--recipe", "fashion_mnist-mlp-predsim", "--epochs", "40",
+                            "--lr-decay-milestones", "10", "30"])
+    assert values["lr_decay_milestones"] == (10, 30)
+    values, _ = cli_recipe(["--recipe", "fashion_mnist-mlp-predsim", "--epochs", "300"])
+    assert values["lr_decay_milestones"] == (100, 150, 175, 188)
