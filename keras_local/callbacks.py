@@ -69,16 +69,23 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 
 
 def save_model_atomically(model, path, epochs_completed=None):
-    """``model.save(path)`` via a temporary name; ``epochs_completed`` is recorded inside
-    the archive (``keras_local.resume``), so a model and its epoch never disagree."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    temporary = path[: -len(".keras")] + ".partial.keras"
-    model.save(temporary)
-    if epochs_completed is not None:
-        from keras_local.resume import record_checkpoint_epochs
+    """``model.save(path)`` whole or not at all (``json_files.write_atomically``: a full
+    disk raises WriteError and leaves the previous file); ``epochs_completed`` is recorded
+    inside the archive (``keras_local.resume``), so a model and its epoch never disagree."""
+    from keras_local.json_files import WriteError, write_atomically
 
-        record_checkpoint_epochs(temporary, epochs_completed)
-    os.replace(temporary, path)
+    def write(temporary):
+        model.save(temporary)
+        if epochs_completed is not None:
+            from keras_local.resume import record_checkpoint_epochs
+
+            record_checkpoint_epochs(temporary, epochs_completed)
+
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    except OSError as error:
+        raise WriteError(error.errno, f"cannot write {path}: {error.strerror or error}") from None
+    write_atomically(path, write)
 
 
 class EpochTimes(keras.callbacks.Callback):

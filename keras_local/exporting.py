@@ -7,7 +7,11 @@ NHWC). Layout of an export directory::
 
     model.onnx        ONNX (tf2onnx, opset 17), input "pixels" [batch, H, W, C] -> "logits"
     saved_model/      SavedModel, signature "serving_default": pixels -> {"logits"}
-    metadata.json     input shape, class names, dataset, config, test error, file hashes
+    metadata.json     input shape, class names, dataset, config, test error, and the
+                      manifest: the sha256 of every file the export wrote ("files")
+
+``overwrite`` replaces only a directory whose contents are exactly what its manifest
+lists (empty folders aside): a user's file in it, or an edited export, is never deleted.
 
 Export is TensorFlow-based: it needs the tensorflow Keras backend.
 """
@@ -296,26 +300,66 @@ def _metadata(model, network, formats, directory, parity, test_error, run_config
 
 
 def _file_hashes(directory):
-    hashes = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest = hashlib.sha256()
-        with open(path, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(block)
-        hashes[path.relative_to(directory).as_posix()] = digest.hexdigest()
-    return hashes
+    """The manifest: every file written so far, by relative path, with its sha256."""
+    return {path.relative_to(directory).as_posix(): _sha256(path)
+            for path in sorted(p for p in directory.rglob("*") if p.is_file())}
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_replaceable(out_dir):
-    """ExportError unless ``out_dir`` is a previous export that can be deleted: an
-    export never replaces anything else (a run directory, a checkpoint folder...)."""
+    """ExportError unless ``out_dir`` is a previous export that can be deleted: a folder
+    holding exactly the files its manifest (``metadata.json``'s "files") lists, unchanged,
+    and writable. Anything else (a run directory, a folder of the user's that happens to
+    hold a metadata.json, an export with files added or edited) is refused, nothing deleted."""
     out_dir = pathlib.Path(out_dir)
+    refusal = f"refusing to replace {out_dir}"
     if not out_dir.is_dir() or not (out_dir / METADATA_FILE).is_file():
         raise ExportError(f"{out_dir} is not an export directory (no {METADATA_FILE}): "
-                          f"refusing to replace it")
+                          f"{refusal}")
+    manifest = _manifest(out_dir / METADATA_FILE)
+    if manifest is None:
+        raise ExportError(f"{out_dir} is not an export directory (its {METADATA_FILE} lists "
+                          f"no files an export wrote): {refusal}")
+    found = {}
+    for path in sorted(out_dir.rglob("*")):
+        if path.is_symlink() or not path.is_dir():
+            found[path.relative_to(out_dir).as_posix()] = path
+    found.pop(METADATA_FILE)
+    others = sorted(set(found) - set(manifest))
+    if others:
+        listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3
+                                          else "")
+        raise ExportError(f"{out_dir} holds files no export wrote ({listed}): {refusal}")
+    for name, expected in manifest.items():
+        if name not in found:
+            raise ExportError(f"{out_dir}: {name} of the export is missing: {refusal}")
+        if not found[name].is_file() or _sha256(found[name]) != expected:
+            raise ExportError(f"{out_dir}: {name} differs from what the export wrote: "
+                              f"{refusal}")
     for folder in [out_dir.parent, out_dir] + [p for p in out_dir.rglob("*") if p.is_dir()]:
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ExportError(f"cannot replace {out_dir}: {folder} is not writable")
+
+
+def _manifest(path, max_bytes=1 << 24):
+    """The "files" of an export's metadata.json ({relative path: sha256}), or None."""
+    try:
+        with open(path, "rb") as stream:
+            metadata = json.loads(stream.read(max_bytes))
+        files = metadata["files"]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+        return None
+    if not isinstance(files, dict) or not files or not all(
+            isinstance(name, str) and isinstance(digest, str) for name, digest in files.items()):
+        return None
+    return files
 
 
 def _umask():
@@ -344,13 +388,25 @@ def _process_alive(pid):
 
 
 def _move_into_place(staging, out_dir):
-    """Rename the finished export to ``out_dir``, replacing an old one only now."""
+    """Rename the finished export to ``out_dir``, replacing an old one only now (checked
+    again: files may have been added to it while this export ran)."""
     old = None
     if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out_dir, old)
-    os.rename(staging, out_dir)
+        check_replaceable(out_dir)
+        # A fresh empty folder's name, which the old export is renamed over.
+        old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old",
+                                            dir=out_dir.parent))
+        try:
+            os.rename(out_dir, old)
+        except OSError:
+            old.rmdir()
+            raise
+    try:
+        os.rename(staging, out_dir)
+    except OSError:
+        if old is not None:
+            os.rename(old, out_dir)  # the previous export stays where it was
+        raise
     if old is not None:
         try:
             shutil.rmtree(old)

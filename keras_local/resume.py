@@ -8,9 +8,13 @@ the order checkpoint -> history row -> TensorBoard -> backup):
                            (``CHECKPOINT_STATE``)
   history.csv              one row per epoch that reached the CSV logger
 
-``restore`` loads the newest *readable* state into the model: the backup, else the
-checkpoint (with a one-line notice), else nothing (start over, with a notice), and cuts
-``history.csv`` back to the epochs before that state, so no row is ever duplicated.
+``restore`` reads these and loads the newest *readable* state into the model: the
+backup, else the checkpoint (with a one-line notice; an unreadable backup is moved aside
+to ``backup.unreadable``, never deleted), else, only when no epoch was ever recorded,
+nothing (epoch 1). Only once a state is loaded does it write: ``history.csv`` is cut back
+to the epochs before that state, so no row is ever duplicated. When nothing can be loaded
+(config.json changed, corrupt files, out of memory) it raises ResumeError and has written
+nothing: starting over is the user's choice (a new run), never a fallback.
 """
 
 import csv
@@ -18,8 +22,9 @@ import dataclasses
 import io
 import json
 import os
-import shutil
 import zipfile
+
+from keras_local.json_files import write_atomically
 
 CHECKPOINT_STATE = "keras_local_state.json"  # extra member of checkpoints/last.keras
 BACKUP_WEIGHTS = os.path.join("backup", "latest.weights.h5")
@@ -55,36 +60,98 @@ def checkpoint_epochs(path):
     return epochs
 
 
+class ResumeError(ValueError):
+    """The run cannot continue from what is on disk; nothing was written (one line)."""
+
+
 def restore(run_dir, model, epochs):
     """Load the newest readable training state of ``run_dir`` into ``model`` (built and
-    compiled); returns the ResumePoint. An unreadable backup is removed so that Keras's
-    BackupAndRestore does not stumble on it."""
-    notice = None
-    if os.path.exists(os.path.join(run_dir, "backup")):
+    compiled); returns the ResumePoint, or raises ResumeError having written nothing."""
+    backup = os.path.join(run_dir, "backup")
+    checkpoint = os.path.join(run_dir, CHECKPOINT)
+    backup_error = None
+    changed = config_changes(checkpoint, model) if os.path.exists(checkpoint) else ""
+    if changed:
+        raise ResumeError(f"cannot resume {run_dir}: config.json differs from {CHECKPOINT} "
+                          f"in {changed} (checkpoint -> config.json); put config.json back "
+                          f"or start a new run{_NOTHING_CHANGED}")
+    if os.path.exists(backup):
         try:
             point = ResumePoint(_load_backup(run_dir, model), "backup")
+        except Exception as error:  # h5py, JSON, shape mismatch, memory
+            _refuse_if_out_of_memory(run_dir, "backup/", error)
+            backup_error = error
+        else:
             truncate_history(os.path.join(run_dir, HISTORY), point.epochs_completed)
             return point
-        except Exception as error:  # h5py, JSON, shape mismatch: all mean "unusable"
-            shutil.rmtree(os.path.join(run_dir, "backup"), ignore_errors=True)
-            notice = f"backup/ unreadable ({_reason(error)}), removed"
-    else:
-        notice = "no backup/"
-    checkpoint = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.exists(checkpoint):
+        if backup_error is not None:
+            raise ResumeError(f"cannot resume {run_dir}: backup/ unreadable "
+                              f"({_reason(backup_error)}) and no {CHECKPOINT}{_NOTHING_CHANGED}")
+        recorded = len(_history_rows(os.path.join(run_dir, HISTORY))[1])
+        if recorded:
+            raise ResumeError(f"cannot resume {run_dir}: history.csv records {recorded} "
+                              f"epochs but there is no backup/ or {CHECKPOINT} to continue "
+                              f"from{_NOTHING_CHANGED}")
+        return ResumePoint(0, "start", f"no {CHECKPOINT} yet (stopped in epoch 1): "
+                                       f"starting from epoch 1")
     try:
         completed = min(checkpoint_epochs(checkpoint), epochs)
         _build_optimizer(model)
         model.load_weights(checkpoint)
-        point = ResumePoint(completed, "checkpoint",
-                            f"{notice}; continuing from {CHECKPOINT} after epoch {completed}")
     except Exception as error:
-        if os.path.exists(checkpoint):
-            detail = f"{CHECKPOINT} unusable ({_reason(error)})"
-        else:
-            detail = f"no {CHECKPOINT}"
-        point = ResumePoint(0, "start", f"{notice}, {detail}; starting again from epoch 1")
-    truncate_history(os.path.join(run_dir, HISTORY), point.epochs_completed)
-    return point
+        _refuse_if_out_of_memory(run_dir, CHECKPOINT, error)
+        found = "" if backup_error is None else \
+            f"backup/ unreadable ({_reason(backup_error)}) and "
+        raise ResumeError(f"cannot resume {run_dir}: {found}{CHECKPOINT} unusable "
+                          f"({_reason(error)}){_NOTHING_CHANGED}") from None
+    notice = "no backup/"
+    if backup_error is not None:
+        kept = _move_aside(backup)
+        notice = (f"backup/ unreadable ({_reason(backup_error)}), kept as "
+                  f"{os.path.basename(kept)}")
+    truncate_history(os.path.join(run_dir, HISTORY), completed)
+    return ResumePoint(completed, "checkpoint",
+                       f"{notice}; continuing from {CHECKPOINT} after epoch {completed}")
+
+
+_NOTHING_CHANGED = "; nothing was changed"
+
+
+def config_changes(checkpoint, model):
+    """'field old -> new, ...' where the network stored in ``checkpoint`` differs from
+    ``model`` (built from config.json); '' when they agree or the checkpoint's config
+    cannot be read (loading it then reports why)."""
+    from keras_local.model_files import ModelFileError, read_keras_config
+
+    try:
+        stored = read_keras_config(checkpoint)["config"]
+        old = {**stored["config"], **{key: stored[key] for key in
+                                      ("architecture", "input_shape", "num_classes")}}
+    except (ModelFileError, KeyError, TypeError):
+        return ""
+    current = model.get_config()
+    new = json.loads(json.dumps({**current["config"], **{
+        key: current[key] for key in ("architecture", "input_shape", "num_classes")}}))
+    return ", ".join(f"{key} {old[key]!r} -> {new[key]!r}" for key in sorted(old)
+                     if key in new and old[key] != new[key])
+
+
+def _refuse_if_out_of_memory(run_dir, what, error):
+    # Memory is not a property of the files: falling back to an older state would hide it.
+    if isinstance(error, MemoryError) or type(error).__name__ == "ResourceExhaustedError":
+        raise ResumeError(f"cannot resume {run_dir}: out of memory while restoring {what} "
+                          f"({_reason(error)}){_NOTHING_CHANGED}") from None
+
+
+def _move_aside(folder):
+    """Rename ``folder`` to a free ``<folder>.unreadable[-N]`` name; returns it."""
+    target, number = f"{folder}.unreadable", 1
+    while os.path.exists(target):
+        number += 1
+        target = f"{folder}.unreadable-{number}"
+    os.rename(folder, target)
+    return target
 
 
 def _load_backup(run_dir, model):
@@ -108,26 +175,35 @@ def _reason(error):
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def _history_rows(path):
+    """The header of history.csv and its rows with an integer ``epoch`` column (or
+    ``None, []`` when there is no such file or column)."""
+    if not os.path.isfile(path):
+        return None, []
+    with open(path, newline="") as stream:
+        rows = list(csv.reader(io.StringIO(stream.read())))
+    if not rows or "epoch" not in rows[0]:
+        return None, []
+    column = rows[0].index("epoch")
+    return rows[0], [row for row in rows[1:] if len(row) > column and _is_int(row[column])]
+
+
 def truncate_history(path, epochs_completed):
     """Keep only the rows of epochs before ``epochs_completed`` (0-based ``epoch`` column),
     rewritten atomically; the rows of the epochs about to be retrained are dropped."""
-    if not os.path.isfile(path):
+    header, rows = _history_rows(path)
+    if header is None:
         return
-    with open(path, newline="") as stream:
-        text = stream.read()
-    rows = list(csv.reader(io.StringIO(text)))
-    if not rows or "epoch" not in rows[0]:
+    column = header.index("epoch")
+    kept = [header] + [row for row in rows if int(row[column]) < epochs_completed]
+    if len(kept) == len(rows) + 1:
         return
-    column = rows[0].index("epoch")
-    kept = [rows[0]] + [row for row in rows[1:]
-                        if len(row) > column and _is_int(row[column])
-                        and int(row[column]) < epochs_completed]
-    if len(kept) == len(rows):
-        return
-    temporary = path + ".tmp"
-    with open(temporary, "w", newline="") as stream:
-        csv.writer(stream).writerows(kept)  # Keras CSVLogger: excel dialect
-    os.replace(temporary, path)
+
+    def write(temporary):
+        with open(temporary, "w", newline="") as stream:
+            csv.writer(stream).writerows(kept)  # Keras CSVLogger: excel dialect
+
+    write_atomically(path, write)
 
 
 def _is_int(text):

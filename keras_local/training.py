@@ -16,14 +16,16 @@ A run directory (``<save_dir>/<dataset>_<model>_<mode>_<time>``) holds:
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
+import tempfile
 import time
 import warnings
 
 import keras
 
-from keras_local.json_files import write_json_atomically
+from keras_local.json_files import WriteError, write_json_atomically
 from keras_local.models import list_models
 from keras_local.callbacks import (
     AtomicCheckpoint,
@@ -53,6 +55,7 @@ from keras_local.data.pipeline import (
 )
 from keras_local.models.local_model import LocalModel
 from keras_local.models.local_model import check_network_support
+from keras_local.resume import restore
 
 
 class NotARunError(ValueError):
@@ -61,6 +64,10 @@ class NotARunError(ValueError):
 
 class RunFinished(Exception):
     """--resume was given a run that already finished: nothing to do."""
+
+
+class RunInUseError(RuntimeError):
+    """Another process trains in this run directory."""
 
 
 @dataclasses.dataclass
@@ -119,9 +126,9 @@ def create_run_dir(config, shared=False):
     """Create and return a new run directory. ``os.mkdir`` fails if the name exists, so
     two runs started at the same moment never share one: the loser retries with a suffix."""
     path = new_run_dir(config, shared=shared)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    _make_dirs(os.path.dirname(path) or ".")
     if shared:
-        os.makedirs(path, exist_ok=True)
+        _make_dirs(path)
         return path
     base, suffix = path, 1
     while True:
@@ -131,6 +138,57 @@ def create_run_dir(config, shared=False):
         except FileExistsError:
             suffix += 1
             path = f"{base}-{suffix}"
+        except OSError as error:
+            raise WriteError(error.errno, f"cannot write {path}: "
+                                          f"{error.strerror or error}") from None
+
+
+def _make_dirs(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise WriteError(error.errno, f"cannot write {path}: {error.strerror or error}") from None
+
+
+def check_writable(config):
+    """WriteError (one line) unless the run directory can be written: the resumed one, or
+    a new one under ``config.save_dir``, probed with a nameless temporary file in the
+    nearest existing folder. Checked before the data are loaded; writes nothing that stays."""
+    wanted = config.resume or config.save_dir or "."
+    folder = os.path.abspath(wanted)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise WriteError(errno.ENOTDIR, f"cannot write {wanted}: {folder} is a file, "
+                                        f"not a folder")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise WriteError(error.errno, f"cannot write {wanted}: {folder}: "
+                                      f"{error.strerror or error}") from None
+
+
+LOCK_FILE = "run.lock"
+
+
+def lock_run_dir(run_dir):
+    """Hold ``run_dir`` for this process: an exclusive ``flock`` on its ``run.lock``,
+    released by the OS when the returned file is closed or the process ends (a crash
+    included). RunInUseError when another process holds it."""
+    import fcntl
+
+    path = os.path.join(run_dir, LOCK_FILE)
+    try:
+        stream = open(path, "a")
+    except OSError as error:
+        raise WriteError(error.errno, f"cannot write {path}: {error.strerror or error}") from None
+    try:
+        fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        stream.close()
+        raise RunInUseError(f"{run_dir} is in use by another process (it holds {path}); "
+                            f"wait for it to end or stop it") from None
+    return stream
 
 
 @dataclasses.dataclass
@@ -222,6 +280,7 @@ def prepare(config):
         raise ValueError(f"config.backend is {config.backend!r} but Keras runs on "
                          f"{keras.backend.backend()!r}: set KERAS_BACKEND={config.backend} "
                          f"before importing keras (train.py --backend does)")
+    check_writable(config)
     if config.dataset in ("folder", "imagenet") and not config.class_names:
         from keras_local.data.folders import describe_folder
 
@@ -260,9 +319,11 @@ def run(config, verbose=1, export=True):
 
 
 def train_prepared(prepared, verbose=1, export=True):
+    """Train a prepared run in its run directory (created now, or the resumed one), which
+    this process holds (``lock_run_dir``) until it returns. Raises ResumeError,
+    RunInUseError or WriteError (one line each) having destroyed nothing."""
     started = time.perf_counter()
-    config, model, train, test = prepared.config, prepared.model, prepared.train, prepared.test
-    strategy = prepared.strategy
+    config, strategy = prepared.config, prepared.strategy
     multi_worker = strategy is not None and _distribute().is_multi_worker(strategy)
     chief = strategy is None or _distribute().is_chief(strategy)
     if config.resume:
@@ -275,11 +336,16 @@ def train_prepared(prepared, verbose=1, export=True):
         # Every worker trains; only the chief writes the run's shared files.
         run_dir = _distribute().per_worker_path(run_dir, strategy)
         export = False
-    os.makedirs(run_dir, exist_ok=True)
+    _make_dirs(run_dir)
+    with lock_run_dir(run_dir):
+        return _train_in(prepared, run_dir, chief, started, verbose, export)
+
+
+def _train_in(prepared, run_dir, chief, started, verbose, export):
+    config, model, train, test = prepared.config, prepared.model, prepared.train, prepared.test
+    strategy = prepared.strategy
     initial_epoch = 0
     if config.resume:
-        from keras_local.resume import restore
-
         point = restore(run_dir, model, config.epochs)
         initial_epoch = point.epochs_completed
         if point.notice:

@@ -5,9 +5,13 @@ Example:  python train.py --dataset cifar10 --model vgg11b
 """
 
 import argparse
+import errno
 import json
 import os
 import sys
+
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -247,7 +251,9 @@ def main(argv=None):
     from keras_local.callbacks import NonFiniteLossError
     from keras_local.cli_errors import USER_ERRORS
     from keras_local.config import Config
-    from keras_local.training import RunFinished, prepare, train_prepared
+    from keras_local.json_files import WriteError
+    from keras_local.resume import ResumeError
+    from keras_local.training import RunFinished, RunInUseError, prepare, train_prepared
 
     try:
         values, note = recipe_config_values(args, argv)
@@ -257,7 +263,7 @@ def main(argv=None):
     except RunFinished as finished:
         print(f"train.py: {finished}")
         return 0
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, WriteError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     try:
@@ -265,6 +271,15 @@ def main(argv=None):
     except NonFiniteLossError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
+    except (ResumeError, RunInUseError) as error:  # refused before writing anything
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # disk full or read-only while saving: the last epoch is kept
+        if not isinstance(error, WriteError) and error.errno not in DISK_ERRORS:
+            raise
+        print(f"train.py: error: {error}; the files of the last completed epoch are "
+              f"intact (continue with --resume RUN_DIR once there is room)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("train.py: interrupted; continue with --resume RUN_DIR", file=sys.stderr)
         return 130
