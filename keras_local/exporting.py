@@ -41,6 +41,10 @@ class ExportError(RuntimeError):
     """The export could not be written or does not reproduce the Keras model."""
 
 
+class NotReplaceableError(ExportError):
+    """``overwrite`` was asked for a folder that is not an unchanged export."""
+
+
 def export_model(model, out_dir, formats=FORMATS, check_images=None, test_error=None,
                  run_config=None, overwrite=False):
     """Write ``model`` (a trained LocalModel) to ``out_dir`` and check the result.
@@ -314,19 +318,19 @@ def _sha256(path):
 
 
 def check_replaceable(out_dir):
-    """ExportError unless ``out_dir`` is a previous export that can be deleted: a folder
-    holding exactly the files its manifest (``metadata.json``'s "files") lists, unchanged,
-    and writable. Anything else (a run directory, a folder of the user's that happens to
-    hold a metadata.json, an export with files added or edited) is refused, nothing deleted."""
+    """NotReplaceableError unless ``out_dir`` is a previous export that can be deleted:
+    a folder holding exactly the files its manifest (``metadata.json``'s "files") lists,
+    unchanged, and writable. Anything else (a run directory, a folder of the user's that
+    happens to hold a metadata.json, an export with files added or edited) is refused."""
     out_dir = pathlib.Path(out_dir)
+    refuse = NotReplaceableError
     refusal = f"refusing to replace {out_dir}"
     if not out_dir.is_dir() or not (out_dir / METADATA_FILE).is_file():
-        raise ExportError(f"{out_dir} is not an export directory (no {METADATA_FILE}): "
-                          f"{refusal}")
+        raise refuse(f"{out_dir} is not an export directory (no {METADATA_FILE}): {refusal}")
     manifest = _manifest(out_dir / METADATA_FILE)
     if manifest is None:
-        raise ExportError(f"{out_dir} is not an export directory (its {METADATA_FILE} lists "
-                          f"no files an export wrote): {refusal}")
+        raise refuse(f"{out_dir} is not an export directory (its {METADATA_FILE} lists no "
+                     f"files an export wrote): {refusal}")
     found = {}
     for path in sorted(out_dir.rglob("*")):
         if path.is_symlink() or not path.is_dir():
@@ -336,16 +340,15 @@ def check_replaceable(out_dir):
     if others:
         listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3
                                           else "")
-        raise ExportError(f"{out_dir} holds files no export wrote ({listed}): {refusal}")
+        raise refuse(f"{out_dir} holds files no export wrote ({listed}): {refusal}")
     for name, expected in manifest.items():
         if name not in found:
-            raise ExportError(f"{out_dir}: {name} of the export is missing: {refusal}")
+            raise refuse(f"{out_dir}: {name} of the export is missing: {refusal}")
         if not found[name].is_file() or _sha256(found[name]) != expected:
-            raise ExportError(f"{out_dir}: {name} differs from what the export wrote: "
-                              f"{refusal}")
+            raise refuse(f"{out_dir}: {name} differs from what the export wrote: {refusal}")
     for folder in [out_dir.parent, out_dir] + [p for p in out_dir.rglob("*") if p.is_dir()]:
         if not os.access(folder, os.W_OK | os.X_OK):
-            raise ExportError(f"cannot replace {out_dir}: {folder} is not writable")
+            raise refuse(f"cannot replace {out_dir}: {folder} is not writable")
 
 
 def _manifest(path, max_bytes=1 << 24):

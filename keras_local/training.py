@@ -12,6 +12,9 @@ A run directory (``<save_dir>/<dataset>_<model>_<mode>_<time>``) holds:
                          epoch, wall time and training images/s (of the last session
                          when resumed)
   export/                SavedModel + ONNX + metadata of the inference network
+  run.lock               held (flock) by the process training in the directory
+
+A resumed run continues from what is on disk and never deletes it (``keras_local.resume``).
 """
 
 import contextlib

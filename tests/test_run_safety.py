@@ -245,6 +245,25 @@ def test_overwrite_replaces_an_unchanged_export(checkpoint, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_files_added_to_out_while_exporting_are_kept(checkpoint, tmp_path, capsys,
+                                                     monkeypatch):
+    from keras_local import exporting
+
+    out = tmp_path / "out"
+    assert export_main([checkpoint, "--format", "onnx", "--out", out]) == 0
+    original = exporting._write_onnx
+
+    def user_saves_a_file_meanwhile(*args):
+        (out / "notes.txt").write_text("written during the export")
+        return original(*args)
+
+    monkeypatch.setattr(exporting, "_write_onnx", user_saves_a_file_meanwhile)
+    assert export_main([checkpoint, "--format", "onnx", "--out", out, "--overwrite"]) == 2
+    assert "notes.txt" in one_line_error(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "model.onnx", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left
+
+
 # ------------------------------------------------------------------ full disk, bad places
 def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     from keras_local.callbacks import save_model_atomically

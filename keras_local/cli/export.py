@@ -17,7 +17,8 @@ from keras_local.quiet import quiet_start
 quiet_start()  # before Keras imports TensorFlow: no C++ start-up noise
 import keras  # noqa: E402
 
-from keras_local.exporting import FORMATS, ExportError, check_replaceable, export_model
+from keras_local.exporting import (FORMATS, ExportError, NotReplaceableError, check_replaceable,
+                                   export_model)
 from keras_local.model_files import ModelFileError, check_keras_file
 from keras_local.models.local_model import LocalModel, load_model
 
@@ -126,6 +127,9 @@ def main(argv=None):
     try:
         metadata = export_model(model, out_dir, formats=args.formats, test_error=test_error,
                                 run_config=run_config, overwrite=args.overwrite)
+    except NotReplaceableError as error:  # files appeared in --out while exporting
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except OSError as error:  # an unwritable or full destination: the user's to fix
         print(f"error: cannot write the export to {out_dir}: {error.strerror or error}",
               file=sys.stderr)

@@ -12,7 +12,6 @@ Needs only onnxruntime, NumPy and Pillow (no TensorFlow).
 
 import argparse
 import hashlib
-import json
 import pathlib
 import sys
 import warnings
@@ -20,6 +19,8 @@ import warnings
 import numpy as np
 import onnxruntime
 from PIL import Image
+
+from keras_local.json_files import JSONFileError, read_json_file
 
 EXIT_BAD_INPUT = 2
 IMAGE_FORMATS = ("PNG", "JPEG")
@@ -35,18 +36,19 @@ def load_model(model_path, verify=True):
     """(onnxruntime session, metadata dict) for an exported model file; ``verify``: its
     sha256 must be the one ``metadata.json`` lists (checked before the model is parsed)."""
     model_path = pathlib.Path(model_path)
-    if not model_path.is_file():
-        raise BadInput(f"model file {model_path} not found")
+    _check_file(model_path, "model file")
     metadata_path = model_path.parent / METADATA_FILE
+    if not metadata_path.is_file():
+        raise BadInput(f"no {METADATA_FILE} beside {model_path}: export the model with "
+                       "python -m export")
     try:
-        metadata = json.loads(metadata_path.read_text())
+        metadata = read_json_file(metadata_path)
         shape = tuple(int(d) for d in metadata["input"]["shape"][1:])
         class_names = [str(name) for name in metadata["class_names"]]
         expected_hash = metadata.get("files", {}).get(model_path.name)
-    except FileNotFoundError:
-        raise BadInput(f"no {METADATA_FILE} beside {model_path}: export the model with "
-                       "python -m export") from None
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except JSONFileError as error:
+        raise BadInput(str(error)) from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise BadInput(f"{metadata_path}: not an export metadata file ({error!r})") from None
     if verify:
         verify_file(model_path, expected_hash, metadata_path)
@@ -132,14 +134,21 @@ def load_inputs(paths, input_shape):
     examples = []
     for path in paths:
         path = pathlib.Path(path)
-        if not path.is_file():
-            raise BadInput(f"input file {path} not found")
+        _check_file(path, "input file")
         if path.suffix.lower() == ".npy":
             batch = read_array(path, input_shape)
             examples += [(f"{path}[{i}]", image) for i, image in enumerate(batch)]
         else:
             examples.append((str(path), read_image(path, input_shape)))
     return examples
+
+
+def _check_file(path, what):
+    """BadInput unless ``path`` is a file (a directory or a missing path: one line)."""
+    if path.is_dir():
+        raise BadInput(f"{what} {path} is a directory")
+    if not path.is_file():
+        raise BadInput(f"{what} {path} not found")
 
 
 def softmax(logits):

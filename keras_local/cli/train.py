@@ -6,9 +6,10 @@ Example:  python train.py --dataset cifar10 --model vgg11b
 
 import argparse
 import errno
-import json
 import os
 import sys
+
+from keras_local.json_files import read_json_file
 
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
@@ -214,9 +215,8 @@ def resumed_options(run_dir):
     if not run_dir or not os.path.isfile(path):
         return {}
     try:
-        with open(path) as stream:
-            stored = json.load(stream)
-    except (OSError, ValueError):
+        stored = read_json_file(path)
+    except ValueError:  # size, depth, syntax: keras_local reports it in one line
         return {}
     return stored if isinstance(stored, dict) else {}
 
