@@ -20,7 +20,6 @@ A resumed run continues from what is on disk and never deletes it (``keras_local
 import contextlib
 import dataclasses
 import errno
-import json
 import os
 import tempfile
 import time
@@ -28,7 +27,7 @@ import warnings
 
 import keras
 
-from keras_local.json_files import WriteError, write_json_atomically
+from keras_local.json_files import WriteError, read_json_file, write_json_atomically
 from keras_local.models import list_models
 from keras_local.callbacks import (
     AtomicCheckpoint,
@@ -95,18 +94,26 @@ def resolve_resume(config):
     if not os.path.isfile(path):
         raise NotARunError(f"--resume {run_dir}: not a run directory (no config.json)")
     try:
-        with open(path) as stream:
-            stored = Config.from_dict(json.load(stream))
+        values = read_json_file(path)
+        if not isinstance(values, dict):
+            raise ValueError(f"expected a JSON object, got {type(values).__name__}")
+        stored = Config.from_dict(values)
     except (ValueError, TypeError) as error:
         raise NotARunError(f"--resume {run_dir}: unreadable config.json ({error})") from None
     if os.path.isfile(os.path.join(run_dir, "results.json")):
         raise RunFinished(f"{run_dir} already finished, nothing to do")
+    return stored.replace(resume=run_dir)
+
+
+def check_run_size(config):
+    """ModelFileError (one line) when the run's model, heads and optimiser slots included,
+    exceeds the parameter bound or the memory available; checked before anything is built."""
     from keras_local.model_files import check_model_size
 
-    info = dataset_info(stored)
-    check_model_size(stored.model, info.input_shape, info.num_classes, stored,
-                     source=f"--resume {run_dir}: config.json")
-    return stored.replace(resume=run_dir)
+    info = dataset_info(config)
+    source = (f"--resume {config.resume}: config.json" if config.resume
+              else f"--model {config.model}")
+    check_model_size(config.model, info.input_shape, info.num_classes, config, source=source)
 
 
 def new_run_dir(config, shared=False):
@@ -289,6 +296,7 @@ def prepare(config):
 
         config = describe_folder(config)  # class names, image size, mean / std
     info = dataset_info(config)
+    check_run_size(config)
     strategy = make_run_strategy(config)  # before any other TensorFlow op
     if config.deterministic and config.backend == "tensorflow":
         import tensorflow as tf

@@ -7,7 +7,6 @@ exit code 2, nothing written. A failed export (e.g. parity check): exit code 1.
 """
 
 import argparse
-import json
 import pathlib
 import sys
 import zipfile
@@ -19,6 +18,7 @@ import keras  # noqa: E402
 
 from keras_local.exporting import (FORMATS, ExportError, NotReplaceableError, check_replaceable,
                                    export_model)
+from keras_local.json_files import JSONFileError, read_json_file
 from keras_local.model_files import ModelFileError, check_keras_file
 from keras_local.models.local_model import LocalModel, load_model
 
@@ -78,9 +78,9 @@ def check_no_overlap(source, model_file, out_dir):
 
 def _read_json_object(path):
     try:
-        values = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadInput(f"{path}: not readable JSON ({error})") from None
+        values = read_json_file(path)
+    except JSONFileError as error:
+        raise BadInput(str(error)) from None
     if not isinstance(values, dict):
         raise BadInput(f"{path}: expected a JSON object, got {type(values).__name__}")
     return values
