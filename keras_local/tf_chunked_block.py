@@ -79,11 +79,15 @@ def block_forward(block, inputs):
         z = conv(w["x"], w["kernel"])
         if "bias" in w:
             z = tf.nn.bias_add(z, w["bias"])
-        y, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(
-            z, w["gamma"], w["beta"], epsilon=epsilon, data_format="NHWC", is_training=True)
+        # Precise batch statistics (tf_gradients.moments), then the fused kernel in
+        # inference mode normalises with them; the backward pass below is this block's own.
+        mean, variance = tf_gradients.moments(z)
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            z, w["gamma"], w["beta"], mean=mean, variance=variance, epsilon=epsilon,
+            data_format="NHWC", is_training=False)
         h = tf.nn.leaky_relu(y, alpha=slope)
         count = tf.cast(tf.size(z) // tf.size(mean), z.dtype)
-        variance = unbiased * tf.maximum(count - 1.0, 0.0) / count  # the biased one
+        unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
         stats["mean"], stats["unbiased"] = mean, unbiased
         kept = tf_gradients.kept_channels(w["gamma"], w["beta"])
         kept_z = tf.gather(z, kept, axis=-1)  # (..., 0) in the usual case: no memory
@@ -136,8 +140,8 @@ def block_forward(block, inputs):
                     dh = _sum(terms) if terms else tf.zeros_like(h_chunks[index])
                     dy = tf.raw_ops.LeakyReluGrad(gradients=dh, features=h_chunks[index],
                                                   alpha=slope)
-                    beta_sums.append(tf.reduce_sum(dy, [0, 1, 2]))
-                    gamma_sums.append(tf.reduce_sum(dy * x_hat(index), [0, 1, 2]))
+                    beta_sums.append(tf_gradients.channel_sum(dy))
+                    gamma_sums.append(tf_gradients.channel_sum(dy * x_hat(index)))
                 dys.append(dy)
                 after = [beta_sums[-1], gamma_sums[-1]] + sim_kernel_grads[-1:]
             dbeta, dgamma = _sum(beta_sums), _sum(gamma_sums)

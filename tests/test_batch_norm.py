@@ -92,3 +92,77 @@ def test_fused_kernel_gives_the_composed_ops_values_and_gradients(rng, shape):
         results.append([outputs, mean, unbiased] + grads)
     for fused, composed in zip(*results):
         np.testing.assert_allclose(np.asarray(fused), np.asarray(composed), rtol=1e-4, atol=1e-5)
+
+
+def _offset_map(rng, shape=(32, 28, 28, 128)):
+    """A float32 map like a conv output whose channel means are large next to their
+    spread (TensorFlow's fused kernel: ~2e-6 relative off float64 on it, up to 4e-5 on a
+    real vgg8b block-1 output; PyTorch ~1e-7)."""
+    offsets = rng.uniform(5.0, 500.0, size=shape[-1])
+    return (rng.normal(size=shape) + offsets).astype("float32")
+
+
+def _assert_float64_exact(mean, variance, x, what):
+    axes = tuple(range(x.ndim - 1))
+    exact = x.astype(np.float64)
+    for got, want, name in ((mean, exact.mean(axis=axes), "mean"),
+                            (variance, exact.var(axis=axes), "variance")):
+        relative = np.abs(np.asarray(got, np.float64) - want) / np.abs(want)
+        assert relative.max() <= 1e-6, f"{what}: batch {name} {relative.max():.1e} off float64"
+
+
+@pytest.mark.tensorflow_only
+@pytest.mark.parametrize("path", ["fused", "unfused", "leaky_relu", "moments"])
+def test_batch_statistics_are_as_precise_as_float64(rng, path):
+    import tensorflow as tf
+
+    from keras_local import tf_gradients
+
+    x = _offset_map(rng)
+    layer = TorchBatchNormalization(momentum=0.9, epsilon=1e-5)
+    layer.build(x.shape)
+    count = x.size // x.shape[-1]
+    if path == "moments":
+        mean, variance = tf_gradients.moments(tf.constant(x))
+    elif path == "leaky_relu":
+        _, mean, variance = tf_gradients.batch_norm_leaky_relu(
+            tf.constant(x), tf.convert_to_tensor(layer.gamma), tf.convert_to_tensor(layer.beta),
+            1e-5, 0.01)
+    else:
+        run = layer._fused_training if path == "fused" else (
+            lambda t: layer._unfused_training(t, None))
+        _, mean, unbiased = run(tf.constant(x))
+        variance = np.asarray(unbiased, np.float64) * (count - 1) / count
+    _assert_float64_exact(mean, variance, x, path)
+
+
+@pytest.mark.tensorflow_only
+def test_dense_batch_statistics_are_as_precise_as_float64(rng):
+    """Dense blocks' BatchNorm reduces over the batch only (here 300 rows: groups of 16)."""
+    from keras_local import tf_gradients
+
+    x = _offset_map(rng, (300, 64))
+    _assert_float64_exact(*tf_gradients.moments(x), x, "dense")
+
+
+@pytest.mark.tensorflow_only
+def test_chunked_conv_block_batch_statistics_are_as_precise_as_float64(rng):
+    """The chunked conv block's forward pass (moving statistics = 0.1 x batch statistics
+    from zero / one)."""
+    import tensorflow as tf
+
+    from keras_local import tf_chunked_block
+    from keras_local.layers.block import LocalBlock
+
+    block = LocalBlock("conv", 16, 4, nonlin="leakyrelu", dim_in_decoder=64, seed=5)
+    x = rng.normal(size=(32, 28, 28, 3)).astype("float32")
+    block.build(x.shape)
+    block.encoder.bias.assign(rng.uniform(5.0, 500.0, size=16).astype("float32"))
+    assert tf_chunked_block.applies(block, tf.constant(x))
+    block.bn.moving_variance.assign(np.zeros(16, "float32"))
+    tf_chunked_block.block_forward(block, tf.constant(x))
+    z = keras.ops.convert_to_numpy(block.encoder(x))  # the same conv: 16 channels, no Winograd
+    count = z.size // 16
+    mean = block.bn.moving_mean.numpy().astype(np.float64) / 0.1
+    variance = block.bn.moving_variance.numpy().astype(np.float64) / 0.1 * (count - 1) / count
+    _assert_float64_exact(mean, variance, z, "chunked block")

@@ -57,16 +57,26 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
                 and self.axis in (-1, 3) and self.center and self.scale)
 
     def _fused_training(self, inputs):
-        """(outputs, batch mean, unbiased batch variance) from FusedBatchNormV3: one pass
-        forward and one backward, where the composed ops cost TensorFlow several passes
-        over the map (and their gradients more). Its variance output is the unbiased one
-        (N / (N - 1), 1 for N = 1), the batch is normalised with the biased one, as here."""
+        """(outputs, batch mean, unbiased batch variance): ``tf_gradients.batch_norm``,
+        statistics summed a few terms at a time, then normalised by FusedBatchNormV3 in
+        inference mode (one pass). TensorFlow's fused training kernel accumulates the mean
+        in one float32 running sum per channel, 3.9e-5 relative off on a 32x28x28x128
+        conv output, PyTorch ~1e-7."""
         import tensorflow as tf
 
-        outputs, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(
+        outputs, mean, variance = tf_gradients.batch_norm(
             inputs, tf.cast(self.gamma, inputs.dtype), tf.cast(self.beta, inputs.dtype),
-            epsilon=self.epsilon, data_format="NHWC", is_training=True)
-        return outputs, mean, unbiased
+            self.epsilon)
+        return outputs, mean, self._unbiased(inputs, variance)
+
+    def _moments(self, inputs, mask):
+        """Batch mean and biased variance; on TensorFlow ``tf_gradients.moments`` (short
+        partial sums, see ``tf_gradients.channel_sum``) where ``tf.nn.moments`` keeps one
+        float32 running sum per channel."""
+        last = self.axis in (-1, len(inputs.shape) - 1)
+        if mask is not None or not last or keras.backend.backend() != "tensorflow":
+            return super()._moments(inputs, mask)
+        return tf_gradients.moments(inputs)
 
     def _unfused_training(self, inputs, mask):
         mean, variance = self._moments(inputs, mask)
