@@ -331,12 +331,26 @@ def test_disk_full_during_training_is_one_line_and_resumable(tmp_path, capsys, m
     assert os.listdir(run_dir / "checkpoints") == ["last.keras"]
 
 
-@pytest.mark.parametrize("where", ["proc", "file"])
-def test_unwritable_save_dir_is_one_line_before_training(tmp_path, capsys, where):
+@pytest.mark.parametrize("where", ["proc", "file", "read_only"])
+def test_unwritable_save_dir_is_one_line_before_training(tmp_path, capsys, monkeypatch,
+                                                         where):
+    from keras_local import data, training
+
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    save_dir = "/proc/keras-local-test/runs" if where == "proc" else str(blocker / "runs")
+    save_dir = {"proc": "/proc/keras-local-test/runs", "file": str(blocker / "runs"),
+                "read_only": str(tmp_path / "runs")}[where]
+    if where == "read_only":  # root writes through chmod: the file system answers instead
+
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(training.tempfile, "TemporaryFile", read_only)
+    loads = []
+    monkeypatch.setattr(training, "load_arrays",
+                        lambda *args: loads.append(args) or data.load_arrays(*args))
     assert train_main([*TINY, "--save-dir", save_dir]) == 2
     err = one_line_error(capsys)
     assert err.startswith("train.py: error: cannot write") and save_dir in err, err
+    assert loads == []  # refused before the data are read
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
