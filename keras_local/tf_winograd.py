@@ -15,8 +15,10 @@ be 4 times the size of each map; a call walks its batch in equal groups whose co
 at most ``GROUP_BYTES``, one group after the other (a ``tf.while_loop``). Smaller groups
 were also faster: one chunk of 28x28x256 in a single group ran slower than the direct
 kernel (127 against 120 ms), in groups of 5 faster (79 against 108 ms, another run).
-The loops and the many small ops cost at the first step: the vgg8b predsim step (28x28x1)
-took 191 s to trace and run the first time, against 85 s with the direct kernels.
+Each transform and the 16 products are a few ops on all tiles at once (one batched matmul):
+written as Python loops over the 16 tile positions they were ~150 small ops per call,
+traced again in every caller, and the vgg8b predsim step (28x28x1) took 191 s to trace
+and run the first time, against 85 s with the direct kernels.
 """
 
 import contextlib
@@ -65,8 +67,7 @@ def conv(x, kernel):
 
     def group_output(group):
         tiles, rows, columns = _input_transform(group)
-        products = [tf.matmul(t, u) for t, u in zip(tiles, transformed)]
-        return _output_transform(products, group, rows, columns)
+        return _output_transform(tf.matmul(tiles, transformed), group, rows, columns)
 
     count, size = _groups(x, most)
     outputs = tf.TensorArray(x.dtype, size=count, infer_shape=False,
@@ -90,8 +91,7 @@ def filter_gradient(x, gradient):
     def group_products(group, group_gradient):
         tiles, rows, columns = _input_transform(group)
         gradient_tiles = _gradient_transform(group_gradient, rows, columns)
-        return tf.stack([tf.matmul(t, g, transpose_a=True)
-                         for t, g in zip(tiles, gradient_tiles)])
+        return tf.matmul(tiles, gradient_tiles, transpose_a=True)
 
     count, size = _groups(x, most)
     _, total = tf.while_loop(
@@ -126,15 +126,26 @@ def _group_size(x, channels):
     return max(1, GROUP_BYTES // per_example)
 
 
-def _four(even, odd, count):
-    """B^T d along one axis: rows d0..d3 of every tile, where d_k = row 2i + k."""
-    d0, d1, d2, d3 = even[:, :count], odd[:, :count], even[:, 1:], odd[:, 1:]
-    return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+def _four(even, odd, count, axis, stack_axis):
+    """B^T d along one axis, stacked on ``stack_axis``: rows d0..d3 of every tile, where
+    d_k = row 2i + k (``even``, ``odd``: rows 2i and 2i + 1 on their ``axis``)."""
+    import tensorflow as tf
+
+    d0, d1 = _range(even, axis, 0, count), _range(odd, axis, 0, count)
+    d2, d3 = _range(even, axis, 1, count + 1), _range(odd, axis, 1, count + 1)
+    return tf.stack([d0 - d2, d1 + d2, d2 - d1, d1 - d3], axis=stack_axis)
+
+
+def _range(t, axis, start, stop):
+    """``t[start:stop]`` along ``axis``."""
+    return t[(slice(None),) * axis + (slice(start, stop),)]
 
 
 def _input_transform(x):
-    """B^T d B of every 4x4 tile (stride 2) of the zero-padded ``x``: 16 tensors of shape
-    (tiles, C), and the tile rows and columns."""
+    """B^T d B of every 4x4 tile (stride 2) of the zero-padded ``x``: (16, tiles, C) in
+    the order (tile row, tile column), and the tile rows and columns. Every transform here
+    is a few ops on all tiles at once: Python loops over the 16 tile positions made
+    hundreds of small ops per call, traced again in every caller."""
     import tensorflow as tf
 
     _, height, width, channels = x.shape
@@ -142,56 +153,53 @@ def _input_transform(x):
     padded = tf.pad(x, [[0, 0], [1, 1 + 2 * rows - height], [1, 1 + 2 * columns - width],
                         [0, 0]])
     by_row = tf.reshape(padded, (-1, rows + 1, 2, 2 * columns + 2, channels))
-    tiles = []
-    for part in _four(by_row[:, :, 0], by_row[:, :, 1], rows):
-        by_column = tf.reshape(part, (-1, columns + 1, 2, channels))
-        tiles.extend(tf.reshape(t, (-1, channels))
-                     for t in _four(by_column[:, :, 0], by_column[:, :, 1], columns))
-    return tiles, rows, columns
+    by_row = _four(by_row[:, :, 0], by_row[:, :, 1], rows, 1, 0)  # (4, B, rows, W', C)
+    by_column = tf.reshape(by_row, (4, -1, rows, columns + 1, 2, channels))
+    tiles = _four(by_column[..., 0, :], by_column[..., 1, :], columns, 3, 1)
+    return tf.reshape(tiles, (16, -1, channels)), rows, columns
 
 
 def _output_transform(products, x, rows, columns):
-    """A^T m A of the 16 products: the (B, H, W, C_out) output."""
+    """A^T m A of the (16, tiles, C_out) products: the (B, H, W, C_out) output."""
     import tensorflow as tf
 
     _, height, width, _ = x.shape
-    out_channels = products[0].shape[-1]
-    m = [tf.reshape(p, (-1, rows, columns, out_channels)) for p in products]
-    first = [m[j] + m[4 + j] + m[8 + j] for j in range(4)]
-    second = [m[4 + j] - m[8 + j] - m[12 + j] for j in range(4)]
-    corners = []
-    for r in (first, second):
-        corners.extend([r[0] + r[1] + r[2], r[1] - r[2] - r[3]])
-    # Channels ordered (tile row, tile column, channel): depth_to_space interleaves them.
-    y = tf.nn.depth_to_space(tf.concat(corners, axis=-1), 2)
+    out_channels = products.shape[-1]
+    m = tf.reshape(products, (4, 4, -1, rows, columns, out_channels))
+    by_row = tf.stack([m[0] + m[1] + m[2], m[1] - m[2] - m[3]])  # (2, 4 columns, ...)
+    corners = tf.stack([by_row[:, 0] + by_row[:, 1] + by_row[:, 2],
+                        by_row[:, 1] - by_row[:, 2] - by_row[:, 3]], axis=1)
+    # corners[a, b, n, i, j] is the output pixel (2i + a, 2j + b) of example n.
+    y = tf.reshape(tf.transpose(corners, (2, 3, 0, 4, 1, 5)),
+                   (-1, 2 * rows, 2 * columns, out_channels))
     return y[:, :height, :width, :]
 
 
-def _two(first, second):
+def _two(first, second, stack_axis):
     """A e along one axis of a 2-row tile, its 4th row negated (see filter_gradient)."""
-    return [first, first + second, first - second, second]
+    import tensorflow as tf
+
+    return tf.stack([first, first + second, first - second, second], axis=stack_axis)
 
 
 def _gradient_transform(gradient, rows, columns):
-    """A dy A^T of every 2x2 tile of the output gradient: 16 tensors (tiles, C_out)."""
+    """A dy A^T of every 2x2 tile of the output gradient: (16, tiles, C_out)."""
     import tensorflow as tf
 
     _, height, width, out_channels = gradient.shape
     padded = tf.pad(gradient, [[0, 0], [0, 2 * rows - height], [0, 2 * columns - width],
                                [0, 0]])
     by_row = tf.reshape(padded, (-1, rows, 2, 2 * columns, out_channels))
-    tiles = []
-    for part in _two(by_row[:, :, 0], by_row[:, :, 1]):
-        by_column = tf.reshape(part, (-1, columns, 2, out_channels))
-        tiles.extend(tf.reshape(t, (-1, out_channels))
-                     for t in _two(by_column[:, :, 0], by_column[:, :, 1]))
-    return tiles
+    by_row = _two(by_row[:, :, 0], by_row[:, :, 1], 0)  # (4, B, rows, 2 columns, C_out)
+    by_column = tf.reshape(by_row, (4, -1, rows, columns, 2, out_channels))
+    tiles = _two(by_column[..., 0, :], by_column[..., 1, :], 1)
+    return tf.reshape(tiles, (16, -1, out_channels))
 
 
 def _kernel_transform(kernel):
-    """G g G^T: 16 tensors (C, C_out)."""
+    """G g G^T: (16, C, C_out)."""
     import tensorflow as tf
 
     g = tf.constant(_G, dtype=kernel.dtype)
     transformed = tf.einsum("ai,ijco,bj->abco", g, kernel, g)
-    return tf.unstack(tf.reshape(transformed, (16,) + tuple(kernel.shape[2:])))
+    return tf.reshape(transformed, (16,) + tuple(kernel.shape[2:]))
