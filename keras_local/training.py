@@ -349,6 +349,8 @@ def train_prepared(prepared, verbose=1, export=True):
         export = False
     _make_dirs(run_dir)
     with lock_run_dir(run_dir):
+        if config.resume and os.path.isfile(os.path.join(run_dir, "results.json")):
+            raise RunFinished(f"{run_dir} already finished, nothing to do")  # meanwhile
         return _train_in(prepared, run_dir, chief, started, verbose, export)
 
 

@@ -271,6 +271,9 @@ def main(argv=None):
     except NonFiniteLossError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
+    except RunFinished as finished:  # by another process while this one prepared
+        print(f"train.py: {finished}")
+        return 0
     except (ResumeError, RunInUseError) as error:  # refused before writing anything
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
