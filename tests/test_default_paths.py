@@ -90,8 +90,7 @@ def write_cifar(folder, name, train=64, test=32):
     os.makedirs(folder, exist_ok=True)
     for file, part in parts.items():
         with open(os.path.join(folder, file), "wb") as out:
-            pickle.dump({b"data": rows[part], key: [int(v) for v in labels[part]]}, out,
-                        protocol=2)
+            pickle.dump({b"data": rows[part], key: [int(v) for v in labels[part]]}, out)
     return folder
 
 
