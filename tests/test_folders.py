@@ -124,3 +124,94 @@ def test_imagenet_is_the_folder_reader_with_imagenet_normalisation(tmp_path):
     info = dataset_info(kl.Config(dataset="imagenet"))
     assert info.input_shape == (224, 224, 3) and info.num_classes == 1000
     assert info.mean == (0.485, 0.456, 0.406) and info.crop_padding == 0
+
+
+# ------------------------------------------------------------- bounds and odd folders
+def png_claiming(path, width, height):
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (CRC fixed up)."""
+    import struct
+    import zlib
+
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IHDR")
+    data[start + 4:start + 12] = struct.pack(">II", width, height)
+    data[start + 17:start + 21] = struct.pack(">I", zlib.crc32(bytes(data[start:start + 17])))
+    path.write_bytes(bytes(data))
+
+
+def folder_argv(root, tmp_path, *extra):
+    return ["--dataset", "folder", "--data-dir", str(root), "--model", "mlp",
+            "--save-dir", str(tmp_path / "runs"), *extra]
+
+
+@pytest.mark.parametrize("image_size", ["12", "96"])  # decoded up front / streamed
+def test_folder_image_above_the_pixel_bound_is_refused_from_its_header(tmp_path, capsys,
+                                                                       image_size):
+    root = tmp_path / "images"
+    make_folder(root, per_class=(2, 1))
+    png_claiming(root / "train" / "sky" / "bomb.png", 20000, 20000)
+    assert train_main(folder_argv(root, tmp_path, "--image-size", image_size)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("bomb.png: image larger than 89,478,485 pixels"), err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_folder_symlink_loop_is_one_line(tmp_path, capsys):
+    root = tmp_path / "images"
+    make_folder(root, per_class=(2, 1))
+    folder = root / "train" / "sky"
+    os.symlink("b.png", folder / "a.png")
+    os.symlink("a.png", folder / "b.png")
+    assert train_main(folder_argv(root, tmp_path, "--image-size", "12")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "a.png: cannot read the image (Too many levels of symbolic links)" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_folder_with_one_class_is_refused(tmp_path, capsys):
+    root = make_folder(tmp_path / "images", per_class=(2, 1), classes=("apple",))
+    assert train_main(folder_argv(root, tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("has one class folder (apple): a dataset needs two or more classes")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_hidden_folders_are_named_in_one_warning(tmp_path):
+    root = tmp_path / "images"
+    make_folder(root, per_class=(2, 1))
+    os.makedirs(root / "train" / "..x")
+    os.makedirs(root / "val" / ".cache")
+    with pytest.warns(UserWarning) as caught:
+        config = describe_folder(kl.Config(dataset="folder", data_dir=str(root), image_size=8))
+    assert config.class_names == CLASSES
+    (message,) = [str(w.message) for w in caught if "hidden folders" in str(w.message)]
+    assert message == (f"hidden folders skipped (not classes): {root / 'train' / '..x'}, "
+                       f"{root / 'val' / '.cache'}")
+
+
+ODD_CLASSES = ("\x1b[31mred", "new\nline")
+
+
+def test_class_names_with_escapes_are_printed_escaped(tmp_path, capsys):
+    """ANSI escapes and newlines in class folder names are shown as escapes by predict
+    (and in train's messages), never sent to the terminal."""
+    root = make_folder(tmp_path / "images", per_class=(4, 1), classes=ODD_CLASSES)
+    save_dir = tmp_path / "runs"
+    assert train_main(["--dataset", "folder", "--data-dir", root, "--image-size", "8",
+                       "--model", "mlp", "--num-hidden", "8", "--epochs", "1",
+                       "--batch-size", "4", "--save-dir", str(save_dir), "--quiet"]) == 0
+    (run_dir,) = save_dir.iterdir()
+    from export.predict import main as predict_main
+
+    capsys.readouterr()
+    image = os.path.join(root, "val", ODD_CLASSES[1], "0.jpg")
+    assert predict_main([str(run_dir / "export" / "model.onnx"), image]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and out.count("\n") == 1, out
+    assert "\\x1b[31mred" in out and "new\\nline" in out
+
+    os.rename(os.path.join(root, "val", ODD_CLASSES[0]), os.path.join(root, "val", "other"))
+    assert train_main(folder_argv(root, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and err.count("\n") == 1 and "(\\x1b[31mred, new\\nline)" in err

@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime
 from PIL import Image
 
+from keras_local.data.folders import printable
 from keras_local.json_files import JSONFileError, read_json_file
 
 EXIT_BAD_INPUT = 2
@@ -202,7 +203,9 @@ def main(argv=None):
     probabilities = classify(session, np.stack([image for _, image in examples]))
     for (label, _), row in zip(examples, probabilities):
         ranked = top_k(row, metadata["class_names"], args.top_k)
-        print(f"{label}: " + ", ".join(f"{name} {p:.3f}" for name, p in ranked))
+        # class names are folder names: control characters are shown, not interpreted
+        print(f"{printable(label)}: " + ", ".join(f"{printable(name)} {p:.3f}"
+                                                   for name, p in ranked))
     return 0
 
 

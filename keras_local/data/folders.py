@@ -19,6 +19,7 @@ What the scan finds (class names, image size, mean and std) is stored in the Con
 """
 
 import os
+import warnings
 
 import numpy as np
 
@@ -32,8 +33,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STATS_SAMPLE = 1000
 LAYOUT = "DIR/train/<class>/*.jpg|png and DIR/val/<class>/ (or DIR/test/)"
-# First bytes of the formats tf.io.decode_image reads.
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF87a", b"GIF89a")
+# The formats tf.io.decode_image reads, as Pillow names them (Pillow reads their headers).
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF")
+
+
+def printable(text):
+    """``text`` with its control characters (ANSI escapes, newlines) shown as escapes, as
+    ``repr`` writes them, so that printing a folder or class name never drives the
+    terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def is_folder_dataset(name):
@@ -64,11 +72,12 @@ def _split_dirs(data_dir, dataset):
 
 
 def _classes(split_dir):
-    classes = sorted(entry.name for entry in os.scandir(split_dir)
-                     if entry.is_dir() and not entry.name.startswith("."))
+    """(class folder names, hidden folders skipped) of ``split_dir``."""
+    folders = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    classes = [name for name in folders if not name.startswith(".")]
     if not classes:
-        raise DataFileError(f"{split_dir} has no class subfolders ({LAYOUT})")
-    return classes
+        raise DataFileError(f"{printable(split_dir)} has no class subfolders ({LAYOUT})")
+    return classes, [os.path.join(split_dir, name) for name in folders if name.startswith(".")]
 
 
 def scan_split(split_dir, classes):
@@ -81,7 +90,7 @@ def scan_split(split_dir, classes):
             found += [os.path.join(root, f) for f in sorted(files)
                       if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not found:
-            raise DataFileError(f"{os.path.join(split_dir, name)}: no images "
+            raise DataFileError(f"{printable(os.path.join(split_dir, name))}: no images "
                                 f"({', '.join(IMAGE_EXTENSIONS)})")
         paths += found
         labels += [label] * len(found)
@@ -92,24 +101,48 @@ def scan(config):
     """(class names, (train paths, labels), (val paths, labels)); one-line DataFileError
     for a bad folder (no train/ or val/, no class folders, differing classes)."""
     train_dir, val_dir = _split_dirs(config.data_dir, config.dataset)
-    classes = _classes(train_dir)
-    val_classes = _classes(val_dir)
+    classes, skipped = _classes(train_dir)
+    val_classes, val_skipped = _classes(val_dir)
+    if skipped or val_skipped:
+        warnings.warn(f"hidden folders skipped (not classes): "
+                      f"{', '.join(printable(path) for path in skipped + val_skipped)}",
+                      stacklevel=3)
     if classes != val_classes:
         raise DataFileError(
-            f"class folders differ between {train_dir} ({', '.join(classes)}) and "
-            f"{val_dir} ({', '.join(val_classes)})")
+            f"class folders differ between {printable(train_dir)} "
+            f"({', '.join(map(printable, classes))}) and {printable(val_dir)} "
+            f"({', '.join(map(printable, val_classes))})")
+    if len(classes) < 2:
+        raise DataFileError(f"{printable(train_dir)} has one class folder "
+                            f"({printable(classes[0])}): a dataset needs two or more classes")
     if config.dataset == "imagenet" and len(classes) != 1000:
         raise DataFileError(f"--dataset imagenet needs ImageNet's 1000 class folders, "
                             f"{train_dir} has {len(classes)}; use --dataset folder")
     return classes, scan_split(train_dir, classes), scan_split(val_dir, classes)
 
 
-def _check_signatures(paths):
-    for path in paths:
-        with open(path, "rb") as stream:
-            head = stream.read(8)
-        if not head.startswith(_MAGIC):
-            raise DataFileError(f"{path}: not a JPEG, PNG, BMP or GIF image")
+def check_image_file(path):
+    """One-line DataFileError for a file that cannot be read (a symlink loop, no
+    permission), is not a JPEG, PNG, BMP or GIF image, or has more pixels than Pillow's
+    decompression-bomb bound (the bound of ``python -m export.predict``); only the header
+    is read (Pillow decodes nothing until asked)."""
+    from PIL import Image, UnidentifiedImageError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path, formats=IMAGE_FORMATS):
+                pass
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise DataFileError(f"{printable(path)}: image larger than "
+                                f"{Image.MAX_IMAGE_PIXELS:,} pixels") from None
+        except UnidentifiedImageError:
+            raise DataFileError(f"{printable(path)}: cannot decode the image (not a JPEG, "
+                                f"PNG, BMP or GIF image)") from None
+        except (OSError, SyntaxError, ValueError) as error:
+            reason = getattr(error, "strerror", None) or str(error).strip()[:120]
+            raise DataFileError(f"{printable(path)}: cannot read the image ({reason})") \
+                from None
 
 
 # ---------------------------------------------------------------------- decoding
@@ -118,11 +151,13 @@ def decode(path, size, large):
     its shorter side is 256/224 x size and centre-cropped (large, evaluation transform)."""
     import tensorflow as tf
 
+    check_image_file(path)
     try:
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise DataFileError(f"{path}: cannot decode the image ({message[:120]})") from None
+        raise DataFileError(f"{printable(path)}: cannot decode the image "
+                            f"({message[:120]})") from None
     if large:
         return tf.cast(tf.round(centre_crop(image, size)), tf.uint8).numpy()
     return tf.cast(tf.round(tf.image.resize(image, (size, size), antialias=True)),
@@ -164,7 +199,8 @@ def load_folder(config):
     _, train, val = scan(config)
     size, large = image_size(config), is_large(config)
     if large:
-        _check_signatures(np.concatenate([train[0], val[0]]))
+        for path in np.concatenate([train[0], val[0]]):
+            check_image_file(path)
         return train, val
     return tuple((np.stack([decode(p, size, False) for p in paths]), labels)
                  for paths, labels in (train, val))
