@@ -24,6 +24,7 @@ from keras_local.json_files import JSONFileError, parse_json_bytes
 MAX_PARAMETERS = 1_000_000_000
 MAX_LAYERS = 1_000
 MAX_CONFIG_BYTES = 1 << 20  # config.json inside a .keras archive
+WEIGHTS_FILE = "model.weights.h5"  # the variables inside a .keras archive
 BYTES_PER_VARIABLE = 4      # variables stay float32 under the mixed-precision policies
 # Optimiser slots per trainable variable (keras_local.optimizers): Adam's m and v,
 # AMSGrad's m, v and max v, SGD's momentum buffer (none without momentum).
@@ -141,6 +142,12 @@ def _block_variables(block, shape):
     return tuple(counts)
 
 
+# (limit, usage) files of the cgroup v2 and v1 memory controllers
+CGROUP_MEMORY_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                       ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                        "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
 def memory_available():
     """Bytes this process may still allocate: MemAvailable of /proc/meminfo, lowered by
     a cgroup memory limit when one is set; None where neither can be read."""
@@ -152,15 +159,16 @@ def memory_available():
                     available.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        with open("/sys/fs/cgroup/memory.max") as stream:
-            limit = stream.read().strip()
-        with open("/sys/fs/cgroup/memory.current") as stream:
-            used = int(stream.read().strip())
-        if limit != "max":
-            available.append(max(int(limit) - used, 0))
-    except (OSError, ValueError):
-        pass
+    for limit_file, usage_file in CGROUP_MEMORY_FILES:
+        try:
+            with open(limit_file) as stream:
+                limit = stream.read().strip()
+            with open(usage_file) as stream:
+                used = int(stream.read().strip())
+            if limit != "max":  # v1 writes "no limit" as a huge number: min() ignores it
+                available.append(max(int(limit) - used, 0))
+        except (OSError, ValueError):
+            pass
     return min(available) if available else None
 
 
@@ -233,15 +241,33 @@ def check_keras_file(path, max_parameters=MAX_PARAMETERS, training=False,
         raise ModelFileError(f"{path} holds a {name}, not a keras-local LocalModel")
     values = stored.get("config")
     try:
-        return check_model_size(values["architecture"], values["input_shape"],
-                                values["num_classes"], values["config"], max_parameters,
-                                source=str(path), training=training,
-                                available_bytes=available_bytes)
+        estimate = check_model_size(values["architecture"], values["input_shape"],
+                                    values["num_classes"], values["config"], max_parameters,
+                                    source=str(path), training=training,
+                                    available_bytes=available_bytes)
     except ModelFileError:
         raise
     except (KeyError, TypeError, ValueError) as error:
         raise ModelFileError(f"{path}: not a valid LocalModel config ({_one_line(error)})") \
             from None
+    _check_weights_size(path, estimate)
+    return estimate
+
+
+def _check_weights_size(path, estimate):
+    """Refuse a ``.keras`` file whose weights file is too small to hold the variables its
+    config declares: a config alone (a few KB) would otherwise make Keras build the whole
+    model before the weights fail to load."""
+    needed = BYTES_PER_VARIABLE * estimate.variables
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = archive.getinfo(WEIGHTS_FILE).file_size
+    except (OSError, KeyError, zipfile.BadZipFile):
+        raise ModelFileError(f"{path} holds no {WEIGHTS_FILE}: not a saved model") from None
+    if declared < needed:
+        raise ModelFileError(f"{path}: its config declares {estimate.variables:,} variables "
+                             f"({needed:,} bytes) but {WEIGHTS_FILE} holds {declared:,} "
+                             f"bytes: refused before building it")
 
 
 def _one_line(error):

@@ -183,6 +183,21 @@ def test_export_refuses_a_model_file_in_one_line(mlp_file, tmp_path, monkeypatch
     assert not (tmp_path / "out").exists()
 
 
+def test_export_refuses_a_config_its_weights_cannot_hold(mlp_file, tmp_path, monkeypatch,
+                                                         capsys):
+    """3 x 12000 units fit the bound and this machine, but a config alone (weights of a
+    3 x 8 model) used to be built, 5.5 GB, before its weights failed to load."""
+    path = keras_file_with(tmp_path / "changed.keras", mlp_file, num_hidden=12000)
+    monkeypatch.setattr(keras.saving, "load_model", lambda *args, **kwargs: 1 / 0)
+    assert export_main([str(path), "--out", str(tmp_path / "out")]) == 2
+    err = one_line_error(capsys)
+    with zipfile.ZipFile(mlp_file) as archive:
+        held = archive.getinfo("model.weights.h5").file_size
+    variables = mlp_variables(12000, 3).split()[0]
+    assert (f"its config declares {variables} variables ({4 * int(variables.replace(',', '')):,}"
+            f" bytes) but model.weights.h5 holds {held:,} bytes") in err
+
+
 def run_dir_with(tmp_path, **values):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
