@@ -411,6 +411,8 @@ def _train_in(prepared, run_dir, chief, started, verbose, export):
                         validation_data=test_ds, shuffle=False,
                         callbacks=callbacks, verbose=verbose, initial_epoch=initial_epoch)
     fit_seconds = time.perf_counter() - fit_started
+    if verbose:
+        print(first_step_notice(model), flush=True)
 
     scores = model.evaluate(test_ds, verbose=0, return_dict=True)
     save_model_atomically(model, os.path.join(run_dir, "model.keras"))
@@ -450,6 +452,18 @@ def similarity_sample(config, test):
     similarity pictures, sorted by class; None when there are none (or no TensorFlow).
     Decoded here, before the run directory exists, as large image folders hold paths."""
     if not config.similarity_examples or keras.backend.backend() != "tensorflow":
+def first_step_notice(model):
+    """What the silent first step does, printed before it starts."""
+    blocks = len(model.local_blocks)
+    how = ("TensorFlow traces the training step into one graph, optimises it and "
+           + ("XLA compiles it" if model.jit_compile
+              else "XLA compiles its optimiser update" if model.xla_update
+              else "runs it"))
+    return (f"building the training step of {model.architecture} ({blocks} local blocks): "
+            f"{how};\nthe first step takes longer than the others (seconds for an mlp, "
+            f"up to a minute or two for a deep conv net on a CPU)")
+
+
         return None
     chosen = class_sorted_sample(test[1], config.similarity_examples)
     images = _check_images(config, (test[0][chosen],), limit=len(chosen))

@@ -216,3 +216,18 @@ def test_cli_scale_out_options_train(tmp_path, scale_out):
     assert config["pipeline"] == ("--pipeline" in scale_out)
     results = json.load(open(os.path.join(run_dir, "results.json")))
     assert results["epochs_completed"] == 2 and results["test_error"] < 90.0
+
+
+@pytest.mark.slow  # a whole train.py run in a subprocess
+def test_says_what_the_first_step_does_before_it_starts(tmp_path):
+    """The first step is silent for as long as tracing takes: a line says why first."""
+    result = train_cli("--dataset", "fashion_mnist_demo", "--model", "mlp", "--num-layers",
+                       "1", "--num-hidden", "32", "--epochs", "1", "--max-train-examples",
+                       "256", "--no-export", "--save-dir", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    notice = [i for i, line in enumerate(lines)
+              if line.startswith("building the training step of mlp (1 local blocks): ")]
+    assert len(notice) == 1 and "XLA compiles it" in lines[notice[0]], result.stdout
+    assert lines[notice[0] - 1].startswith("mlp on fashion_mnist_demo: 256 training")
+    assert lines[notice[0] + 1].startswith("the first step takes longer than the others")
