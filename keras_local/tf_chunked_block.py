@@ -6,7 +6,7 @@ head's pooled map and the sim head's per-channel spatial std of conv(h) (the row
 ``block_forward`` is one custom gradient from the block's input and weights to h and
 those summaries; the losses on the summaries stay ordinary autodiff. The sim head's conv
 runs per chunk and its outputs are kept for the backward pass, which then runs two passes
-over the chunks, one chunk at a time (control edges):
+over the chunks, one chunk at a time:
 
 1. the sim maps' gradient, the sim conv's input and filter gradients, the pred head's
    unpooled gradient, LeakyReLU's gradient dy (kept), and the chunk's share of
@@ -20,7 +20,11 @@ heads' input gradients, BatchNorm's temporaries). x_hat is rebuilt from h as in
 ``tf_gradients.batch_norm_leaky_relu``. Same values and gradients as autodiff to float32
 rounding (tests/test_tf_chunked_block.py). Used where ``applies`` says so: TensorFlow
 outside XLA (``tf_gradients.active``), training with labels, and the common block shape
-(conv 'same' stride 1, BatchNorm, LeakyReLU, pred/sim/predsim heads, not bio).
+(conv 'same' stride 1, BatchNorm, LeakyReLU, pred/sim/predsim heads, not bio), on CPUs:
+with a GPU present (its benefit was measured on CPUs only) the block takes autodiff.
+
+Each pass over the chunks is one ``tf.while_loop`` (``_for_chunks``), its body traced once,
+one chunk at a time; its lists (TensorArrays) hold the chunks' sim maps and dy.
 """
 
 from keras_local import tf_gradients, tf_winograd
@@ -41,6 +45,10 @@ def applies(block, inputs):
             and not block.alpha and len(inputs.shape) == 4
             and None not in tuple(inputs.shape[1:])
             and block.bn.fuses_leaky_relu(inputs)):
+        return False
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):  # measured on CPUs only
         return False
     if "sim" in block.heads:  # S must read the sim map's spatial std, not the map itself
         _, height, width, _ = inputs.shape
@@ -69,10 +77,6 @@ def block_forward(block, inputs):
         args.append(tf.convert_to_tensor(sim.transform.kernel))
     stats = {}
 
-    def split(t):
-        batch = tf.shape(t)[0]
-        return tf.split(t, (batch + CHUNKS - 1 - tf.range(CHUNKS)) // CHUNKS, num=CHUNKS)
-
     @tf.custom_gradient
     def forward(*values):
         w = dict(zip(names, values))
@@ -91,79 +95,112 @@ def block_forward(block, inputs):
         stats["mean"], stats["unbiased"] = mean, unbiased
         kept = tf_gradients.kept_channels(w["gamma"], w["beta"])
         kept_z = tf.gather(z, kept, axis=-1)  # (..., 0) in the usual case: no memory
-        h_chunks = split(h)
         outputs = [h]
         if pred is not None:
             outputs.append(pred.pool(h))
         if sim is not None:
-            sim_maps = [conv(part, w["sim_kernel"]) for part in h_chunks]
-            stds, sim_means = zip(*[tf_gradients.std_forward(_positions(part))
-                                    for part in sim_maps])
-            outputs.append(tf.concat(stds, axis=0))
+            def sim_chunk(index, carried, arrays):
+                sim_map = conv(_chunk(h, index), w["sim_kernel"])
+                std, sim_mean = tf_gradients.std_forward(_positions(sim_map))
+                return carried, [array.write(index, value) for array, value
+                                 in zip(arrays, (sim_map, std, sim_mean))]
+
+            width = sim.transform.kernel.shape[-1]
+            _, (sim_maps, stds, sim_means) = _for_chunks(sim_chunk, (), [
+                _chunk_array(h.dtype, h.shape[1:3] + (width,)),
+                _chunk_array(h.dtype, (width,)), _chunk_array(h.dtype, (1, width))])
+            outputs.append(stds.concat())
 
         def gradient(*upstream):
             upstream = dict(zip(["h"] + ["pred"] * (pred is not None)
                                 + ["sim"] * (sim is not None), upstream))
+            upstream = {name: g for name, g in upstream.items() if g is not None}
             rsqrt = tf.math.rsqrt(variance + epsilon)
-            split_upstream = {name: split(g) for name, g in upstream.items() if g is not None}
-            kept_z_chunks = split(kept_z)
 
             def x_hat(index):
                 return tf_gradients.x_hat_from_output(
-                    h_chunks[index], slope, w["gamma"], w["beta"], kept,
-                    kept_z_chunks[index], mean, rsqrt)
+                    _chunk(h, index), slope, w["gamma"], w["beta"], kept,
+                    _chunk(kept_z, index), mean, rsqrt)
 
-            # Pass 1: dy per chunk and BatchNorm's reductions.
-            dys, beta_sums, gamma_sums, sim_kernel_grads = [], [], [], []
-            after = [g for g in upstream.values() if g is not None]
+            # Pass 1: dy per chunk and BatchNorm's reductions. The loops start once the
+            # upstream gradients exist (their first index waits for them): otherwise the
+            # forward-only work of the first chunk would run during the forward pass.
             # The turned kernels (conv_input_gradient) wait for this block's backward pass:
             # made at the step's start, every block's would be alive at once (vgg19: 116 ->
             # 208 MiB).
+            after = list(upstream.values())
             with tf.control_dependencies(after):
                 if sim is not None:
                     sim_input_gradient = conv_input_gradient(w["sim_kernel"])
-            for index in range(CHUNKS):
-                with tf.control_dependencies(after):
-                    terms = []
-                    if "h" in split_upstream:
-                        terms.append(split_upstream["h"][index])
-                    if "pred" in split_upstream:
-                        terms.append(pred.pool.transpose(split_upstream["pred"][index]))
-                    if "sim" in split_upstream:
-                        flat = _positions(sim_maps[index])
-                        dmap = tf.reshape(tf_gradients.std_gradient(
-                            flat, sim_means[index], stds[index], split_upstream["sim"][index]),
-                            tf.shape(sim_maps[index]))
-                        terms.append(sim_input_gradient(h_chunks[index], dmap))
-                        sim_kernel_grads.append(
-                            conv_filter_gradient(h_chunks[index], w["sim_kernel"], dmap))
-                    dh = _sum(terms) if terms else tf.zeros_like(h_chunks[index])
-                    dy = tf.raw_ops.LeakyReluGrad(gradients=dh, features=h_chunks[index],
-                                                  alpha=slope)
-                    beta_sums.append(tf_gradients.channel_sum(dy))
-                    gamma_sums.append(tf_gradients.channel_sum(dy * x_hat(index)))
-                dys.append(dy)
-                after = [beta_sums[-1], gamma_sums[-1]] + sim_kernel_grads[-1:]
-            dbeta, dgamma = _sum(beta_sums), _sum(gamma_sums)
+
+            def pass_one(index, sums, arrays):
+                h_chunk = _chunk(h, index)
+                terms = []
+                if "h" in upstream:
+                    terms.append(_chunk(upstream["h"], index))
+                if "pred" in upstream:
+                    terms.append(pred.pool.transpose(_chunk(upstream["pred"], index)))
+                sums = dict(sums)
+                if "sim" in upstream:
+                    sim_map = arrays[1].read(index)
+                    # Each sim map is freed here: its slot in the list now holds an empty
+                    # chunk (the list is carried through this loop, not captured by it).
+                    arrays = [arrays[0], arrays[1].write(index, sim_map[:0])]
+                    flat = _positions(sim_map)
+                    dmap = tf.reshape(tf_gradients.std_gradient(
+                        flat, sim_means.read(index), stds.read(index),
+                        _chunk(upstream["sim"], index)), tf.shape(sim_map))
+                    terms.append(sim_input_gradient(h_chunk, dmap))
+                    sums["sim_kernel"] = sums["sim_kernel"] + conv_filter_gradient(
+                        h_chunk, w["sim_kernel"], dmap)
+                dh = _sum(terms) if terms else tf.zeros_like(h_chunk)
+                dy = tf.raw_ops.LeakyReluGrad(gradients=dh, features=h_chunk, alpha=slope)
+                sums["beta"] = sums["beta"] + tf.reduce_sum(dy, [0, 1, 2])
+                sums["gamma"] = sums["gamma"] + tf.reduce_sum(dy * x_hat(index), [0, 1, 2])
+                return sums, [arrays[0].write(index, dy)] + arrays[1:]
+
+            sums = {"beta": tf.zeros_like(w["beta"]), "gamma": tf.zeros_like(w["gamma"])}
+            if "sim" in upstream:
+                sums["sim_kernel"] = tf.zeros_like(w["sim_kernel"])
+            sums, arrays = _for_chunks(
+                pass_one, sums, [_chunk_array(h.dtype, h.shape[1:])]
+                + [sim_maps] * ("sim" in upstream), after)
+            dys = arrays[0]
+            dbeta, dgamma = sums["beta"], sums["gamma"]
 
             # Pass 2: BatchNorm's input gradient and the encoder's gradients.
-            x_chunks = split(w["x"])
-            kernel_grads, bias_grads, input_grads = [], [], []
             after = [dbeta, dgamma]
             with tf.control_dependencies(after):
                 encoder_input_gradient = conv_input_gradient(w["kernel"])
-            for index in range(CHUNKS):
-                with tf.control_dependencies(after):
-                    dz = (w["gamma"] * rsqrt) * (dys[index] - dbeta / count
-                                                 - x_hat(index) * (dgamma / count))
-                    kernel_grads.append(conv_filter_gradient(x_chunks[index], w["kernel"], dz))
-                    bias_grads.append(tf.reduce_sum(dz, [0, 1, 2]))
-                    input_grads.append(encoder_input_gradient(x_chunks[index], dz))
-                after = [kernel_grads[-1], bias_grads[-1]]
-            grads = {"x": tf.concat(input_grads, axis=0), "kernel": _sum(kernel_grads),
-                     "gamma": dgamma, "beta": dbeta, "bias": _sum(bias_grads)}
-            if sim is not None:
-                grads["sim_kernel"] = _sum(sim_kernel_grads)
+
+            def dz(index):
+                return (w["gamma"] * rsqrt) * (dys.read(index) - dbeta / count
+                                               - x_hat(index) * (dgamma / count))
+
+            def pass_two(index, sums, arrays):
+                chunk_dz = dz(index)
+                return {"kernel": sums["kernel"] + conv_filter_gradient(
+                            _chunk(w["x"], index), w["kernel"], chunk_dz),
+                        "bias": sums["bias"] + tf.reduce_sum(chunk_dz, [0, 1, 2])}, arrays
+
+            # The input gradient has a loop of its own (dz again, elementwise) that
+            # TensorFlow prunes where nothing reads it, as for a segment's input; inside
+            # pass 2 it would always run.
+            def input_gradient(index, sums, arrays):
+                return sums, [arrays[0].write(index, encoder_input_gradient(
+                    _chunk(w["x"], index), dz(index)))]
+
+            encoder, _ = _for_chunks(pass_two, {"kernel": tf.zeros_like(w["kernel"]),
+                                                "bias": tf.zeros_like(w["gamma"])}, [], after)
+            _, (input_grads,) = _for_chunks(
+                input_gradient, (), [_chunk_array(w["x"].dtype, w["x"].shape[1:])], after)
+            grads = {"x": tf.ensure_shape(input_grads.concat(), w["x"].shape),
+                     "kernel": encoder["kernel"], "gamma": dgamma, "beta": dbeta,
+                     "bias": encoder["bias"]}
+            if "sim" in upstream:
+                grads["sim_kernel"] = sums["sim_kernel"]
+            elif sim is not None:
+                grads["sim_kernel"] = tf.zeros_like(w["sim_kernel"])
             return [grads[name] for name in names]
 
         return outputs, gradient
@@ -223,6 +260,42 @@ def conv_input_gradient(kernel):
         return lambda like, gradient: conv(gradient, turned)
     return lambda like, gradient: tf.compat.v1.nn.conv2d_backprop_input(
         tf.shape(like), kernel, gradient, [1, 1, 1, 1], "SAME")
+
+
+def _chunk(t, index):
+    """Rows of chunk ``index`` of ``t``: CHUNKS chunks whose sizes differ by at most one,
+    the larger ones first (16 examples in 8 chunks of 2; 5 in 5 of 1 and 3 empty ones)."""
+    import tensorflow as tf
+
+    batch = tf.shape(t)[0]
+    size, larger = batch // CHUNKS, batch % CHUNKS
+    start = index * size + tf.minimum(index, larger)
+    return t[start:start + size + tf.cast(index < larger, tf.int32)]
+
+
+def _chunk_array(dtype, shape):
+    """A TensorArray of one value per chunk, each ``(chunk size,) + shape``."""
+    import tensorflow as tf
+
+    return tf.TensorArray(dtype, size=CHUNKS, infer_shape=False,
+                          element_shape=tf.TensorShape([None]).concatenate(shape))
+
+
+def _for_chunks(body, carried, arrays, after=()):
+    """``body(index, carried, arrays) -> (carried, arrays)`` for every chunk in turn (a
+    ``tf.while_loop``, one chunk at a time once ``after`` exists); returns the final
+    ``(carried, arrays)``. One traced body serves all chunks: a Python loop over the
+    chunks traced, and left Grappler to optimise, every chunk's ops again (with the
+    Winograd loops inside, minutes for a vgg11b step)."""
+    import tensorflow as tf
+
+    with tf.control_dependencies(after):
+        first = tf.constant(0) if not after else tf.identity(tf.constant(0))
+    _, carried, arrays = tf.while_loop(
+        lambda index, *_: index < CHUNKS,
+        lambda index, carried, arrays: (index + 1,) + tuple(body(index, carried, arrays)),
+        (first, carried, arrays), parallel_iterations=1)
+    return carried, arrays
 
 
 def _positions(feature_map):

@@ -152,3 +152,18 @@ def test_conv_of_an_empty_chunk_has_the_kernel_output_channels(rng):
     np.testing.assert_allclose(chunks_concatenated(full).numpy(),
                                tf.nn.conv2d(full, kernel, 1, "SAME").numpy(),
                                rtol=1e-5, atol=1e-5)
+
+
+def pretend_a_gpu(monkeypatch):
+    real = tf.config.list_physical_devices
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: ["/physical_device:GPU:0"] if kind == "GPU"
+                        else real(kind))
+
+
+def test_with_a_gpu_present_the_block_takes_autodiff(rng, monkeypatch):
+    """The chunked pass was measured on CPUs only."""
+    block, x = make_block(rng), tf.zeros((4, 8, 8, 3))
+    assert tf_chunked_block.applies(block, x)
+    pretend_a_gpu(monkeypatch)
+    assert not tf_chunked_block.applies(block, x)
