@@ -87,6 +87,19 @@ def test_tensorflow_updates_take_the_fused_kernels_unless_a_strategy_is_active()
         assert optimizers._fused_kernels(keras.Variable(np.zeros((2, 2), "float32"))) is None
 
 
+@pytest.mark.tensorflow_only
+def test_with_a_gpu_present_the_updates_take_the_plain_ops(monkeypatch):
+    """The fused kernels were measured on CPUs only."""
+    import tensorflow as tf
+
+    variable = keras.Variable(np.zeros((2, 2), "float32"))
+    real = tf.config.list_physical_devices
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: ["/physical_device:GPU:0"] if kind == "GPU"
+                        else real(kind))
+    assert optimizers._fused_kernels(variable) is None
+
+
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("steps", [1, 4])
