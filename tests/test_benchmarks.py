@@ -188,3 +188,33 @@ def test_winograd_rejects_a_bad_shape():
                            "--shapes", "28by256"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and "--shapes: expected SIZExCHANNELS" in done.stderr
+
+
+def test_startup_times_the_first_step_in_a_fresh_process(tmp_path):
+    """A tiny mlp; --reference with a stand-in for the authors' bench.py, whose process
+    wall time is the reference's time to its first step."""
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / "bench.py").write_text(
+        "import json, sys, time\ntime.sleep(0.5)\n"
+        "print('BENCH_JSON ' + json.dumps({'argv': sys.argv}))\n")
+    out = tmp_path / "startup.json"
+    stdout = run_script("startup.py", "--models", "mlp", "--batch-size", "16", "--num-hidden",
+                        "64", "--steps", "1", "--reference", str(reference), "--json", str(out))
+    assert "time to the end of the first training step" in stdout and "load average" in stdout
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["model"] == "mlp" and result["xla"] == "step"
+    assert (0 < result["python"] < result["tensorflow"] <= result["keras_local"]
+            <= result["built"] < result["first_step"])
+    assert 0 < result["steady_step_seconds"] < result["first_step"]
+    assert result["reference_first_step"] >= 0.5
+    row = [line for line in stdout.splitlines() if line.startswith("mlp ")]
+    assert len(row) == 1 and row[0].split()[-1].endswith("x")
+
+
+def test_startup_rejects_a_reference_without_bench_py(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "startup.py"),
+                           "--reference", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "no bench.py there" in done.stderr
