@@ -12,6 +12,7 @@ larger than the memory available.
 
 import dataclasses
 import math
+import os
 import zipfile
 
 from keras_local.config import Config
@@ -254,20 +255,42 @@ def check_keras_file(path, max_parameters=MAX_PARAMETERS, training=False,
     return estimate
 
 
+def _keras_weights_bytes(path):
+    """The declared size of the weights inside a ``.keras`` archive; None without them."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.getinfo(WEIGHTS_FILE).file_size
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return None
+
+
 def _check_weights_size(path, estimate):
     """Refuse a ``.keras`` file whose weights file is too small to hold the variables its
     config declares: a config alone (a few KB) would otherwise make Keras build the whole
     model before the weights fail to load."""
     needed = BYTES_PER_VARIABLE * estimate.variables
-    try:
-        with zipfile.ZipFile(path) as archive:
-            declared = archive.getinfo(WEIGHTS_FILE).file_size
-    except (OSError, KeyError, zipfile.BadZipFile):
-        raise ModelFileError(f"{path} holds no {WEIGHTS_FILE}: not a saved model") from None
+    declared = _keras_weights_bytes(path)
+    if declared is None:
+        raise ModelFileError(f"{path} holds no {WEIGHTS_FILE}: not a saved model")
     if declared < needed:
         raise ModelFileError(f"{path}: its config declares {estimate.variables:,} variables "
                              f"({needed:,} bytes) but {WEIGHTS_FILE} holds {declared:,} "
                              f"bytes: refused before building it")
+
+
+def check_resume_states(run_dir, estimate):
+    """Refuse to resume ``run_dir`` when its checkpoint is a readable ``.keras`` file whose
+    weights cannot hold the variables ``config.json`` declares (config.json was changed):
+    the model would otherwise be built before restoring fails. An unreadable checkpoint is
+    left to ``keras_local.resume``, which names it."""
+    checkpoint = os.path.join(run_dir, "checkpoints", "last.keras")
+    held = _keras_weights_bytes(checkpoint) if os.path.isfile(checkpoint) else None
+    needed = BYTES_PER_VARIABLE * estimate.variables
+    if held is not None and held < needed:
+        raise ModelFileError(f"--resume {run_dir}: config.json declares "
+                             f"{estimate.variables:,} variables ({needed:,} bytes) but "
+                             f"checkpoints/last.keras holds {held:,} bytes of weights: was "
+                             f"config.json changed? Refused before building it")
 
 
 def _one_line(error):

@@ -113,7 +113,12 @@ def check_run_size(config):
     info = dataset_info(config)
     source = (f"--resume {config.resume}: config.json" if config.resume
               else f"--model {config.model}")
-    check_model_size(config.model, info.input_shape, info.num_classes, config, source=source)
+    estimate = check_model_size(config.model, info.input_shape, info.num_classes, config,
+                                source=source)
+    if config.resume:
+        from keras_local.model_files import check_resume_states
+
+        check_resume_states(config.resume, estimate)
 
 
 def new_run_dir(config, shared=False):

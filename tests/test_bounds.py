@@ -220,6 +220,23 @@ def test_resume_refuses_a_config_above_the_bound(tmp_path, capsys, values, messa
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
+def test_resume_refuses_a_config_its_saved_states_cannot_hold(mlp_file, tmp_path, capsys):
+    """config.json edited to 3 x 12000 units beside the checkpoint of a 3 x 8 model: within
+    the bound, but it was built (8.4 GB, then an LLVM abort) before restoring failed."""
+    run_dir = run_dir_with(tmp_path, num_layers=3, num_hidden=12000)
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.keras").write_bytes(mlp_file.read_bytes())
+    with zipfile.ZipFile(mlp_file) as archive:
+        held = archive.getinfo("model.weights.h5").file_size
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert train_main(["--resume", str(run_dir)]) == 2
+    err = one_line_error(capsys)
+    assert (f"config.json declares {mlp_variables(12000, 3)} (2,920,272,160 bytes) but "
+            f"checkpoints/last.keras holds {held:,} bytes of weights: was config.json "
+            f"changed?") in err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
 def test_fresh_run_with_huge_bio_projection_is_refused_before_anything(tmp_path, capsys):
     save_dir = tmp_path / "runs"
     assert train_main([*DEMO, "--model", "mlp", "--bio", "--target-proj-size", "100000000",
