@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from typing import Optional
 
 from keras_local.local_losses import list_local_losses
@@ -16,6 +17,11 @@ PRECISION_CHOICES = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGY_CHOICES = ("auto", "one", "mirrored", "multiworker")
 PLACEMENT_CHOICES = ("none", "layerwise")
 BACKEND_CHOICES = ("tensorflow", "jax", "torch")
+# Fields that count something: whole numbers (a config file may hold anything).
+INTEGER_FIELDS = ("max_train_examples", "length", "classes_per_batch", "image_size",
+                  "classes_per_batch_until_epoch", "num_layers", "num_hidden", "dim_in_decoder",
+                  "target_proj_size", "modules", "batch_size", "epochs", "seed",
+                  "steps_per_execution", "similarity_examples")
 # Steps per call of the train function when pipelined: inside one call the runtime
 # overlaps the end of one step (its last stages' updates) with the start of the next.
 PIPELINE_STEPS_PER_EXECUTION = 16
@@ -106,6 +112,11 @@ class Config:
     recipe: Optional[str] = None
 
     def __post_init__(self):
+        for name in INTEGER_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, numbers.Integral)):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
         self.lr_decay_milestones = tuple(int(m) for m in self.lr_decay_milestones)
         self.plugins = tuple(self.plugins)
         _check_choice("loss_sup", self.loss_sup, list_local_losses())

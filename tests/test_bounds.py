@@ -298,3 +298,10 @@ def test_predict_input_directory_is_one_line(tmp_path):
 
     with pytest.raises(BadInput, match=f"^input file {tmp_path} is a directory$"):
         load_inputs([tmp_path], (28, 28, 1))
+
+
+@pytest.mark.parametrize("field, value", [("num_hidden", 64.5), ("num_layers", "3"),
+                                          ("batch_size", True), ("target_proj_size", 1e8)])
+def test_config_counts_are_whole_numbers(field, value):
+    with pytest.raises(ValueError, match=f"^{field} must be a whole number, got "):
+        kl.Config(**{field: value})
