@@ -193,9 +193,10 @@ def test_hidden_folders_are_named_in_one_warning(tmp_path):
 ODD_CLASSES = ("\x1b[31mred", "new\nline")
 
 
-def test_class_names_with_escapes_are_printed_escaped(tmp_path, capsys):
-    """ANSI escapes and newlines in class folder names are shown as escapes by predict
-    (and in train's messages), never sent to the terminal."""
+@pytest.mark.slow  # trains and exports (~20 s); the train message half below is quick
+def test_predict_prints_class_names_with_escapes_escaped(tmp_path, capsys):
+    """ANSI escapes and newlines in class folder names are shown as escapes by predict,
+    never sent to the terminal."""
     root = make_folder(tmp_path / "images", per_class=(4, 1), classes=ODD_CLASSES)
     save_dir = tmp_path / "runs"
     assert train_main(["--dataset", "folder", "--data-dir", root, "--image-size", "8",
@@ -211,6 +212,9 @@ def test_class_names_with_escapes_are_printed_escaped(tmp_path, capsys):
     assert "\x1b" not in out and out.count("\n") == 1, out
     assert "\\x1b[31mred" in out and "new\\nline" in out
 
+
+def test_train_prints_class_names_with_escapes_escaped(tmp_path, capsys):
+    root = make_folder(tmp_path / "images", per_class=(2, 1), classes=ODD_CLASSES)
     os.rename(os.path.join(root, "val", ODD_CLASSES[0]), os.path.join(root, "val", "other"))
     assert train_main(folder_argv(root, tmp_path)) == 2
     err = capsys.readouterr().err
