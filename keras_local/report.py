@@ -12,11 +12,12 @@ unfinished). Bad run directories: one line on stderr, exit code 2, nothing writt
 import argparse
 import csv
 import dataclasses
-import json
 import math
 import os
 import shlex
 import sys
+
+from keras_local.json_files import JSONFileError, read_json_file
 
 EXIT_BAD_INPUT = 2
 
@@ -93,10 +94,10 @@ def _read_json(path, name, required):
             raise ReportError(f"{path}: not a run directory (no {name})")
         return {}
     try:
-        with open(file) as stream:
-            values = json.load(stream)
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ReportError(f"{file}: not readable JSON ({error})") from None
+        values = read_json_file(file)
+    except JSONFileError as error:  # unreadable, not JSON, too large or nested too deeply
+        reason = str(error).removeprefix(f"{file}: ")
+        raise ReportError(f"{file}: not readable JSON ({reason})") from None
     if not isinstance(values, dict):
         raise ReportError(f"{file}: expected a JSON object, got {type(values).__name__}")
     return values

@@ -72,6 +72,8 @@ def make_bad(kind, root, good):
         (path / "history.csv").write_text("epoch,error,val_error\n")
     elif kind == "config.json not JSON":
         (path / "config.json").write_text("{not json")
+    elif kind == "config.json nested 100,000 deep":  # a RecursionError traceback before
+        (path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     return path
 
 
@@ -81,6 +83,7 @@ def make_bad(kind, root, good):
     ("corrupt history.csv", "not a keras-local history"),
     ("empty history.csv", "no completed epoch yet"),
     ("config.json not JSON", "not readable JSON"),
+    ("config.json nested 100,000 deep", "nested deeper than the limit of 32 levels"),
 ])
 def test_bad_run_dir_one_line_exit_2_no_png(kind, message, tiny_runs, tmp_path, capsys):
     bad = make_bad(kind, tmp_path, tiny_runs["predsim"])
