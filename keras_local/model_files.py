@@ -6,8 +6,9 @@ allocate 8 GB before anything could refuse it. ``estimate_variables`` counts eve
 variable the model would create (encoders, BatchNorm, shortcuts, output layer, the pred
 and sim heads, bio feedback and label-projection matrices) from the layer shapes alone:
 layers are constructed, never built, so no variable exists yet. ``check_model_size``
-adds the optimiser's slots and refuses a model above ``MAX_PARAMETERS`` variables or
-larger than the memory available.
+adds the gradients and the optimiser's slots and refuses a model above ``MAX_PARAMETERS``
+variables or larger than the memory available; a ``.keras`` file (or a resumed run's
+checkpoint) must also hold weights enough for the variables its config declares.
 """
 
 import dataclasses
