@@ -24,7 +24,7 @@ import json
 import os
 import zipfile
 
-from keras_local.json_files import write_atomically
+from keras_local.json_files import parse_json_bytes, read_json_file, write_atomically
 
 CHECKPOINT_STATE = "keras_local_state.json"  # extra member of checkpoints/last.keras
 BACKUP_WEIGHTS = os.path.join("backup", "latest.weights.h5")
@@ -51,7 +51,7 @@ def checkpoint_epochs(path):
     """The completed epochs recorded in a checkpoint (ValueError if absent or unreadable)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            state = json.loads(archive.read(CHECKPOINT_STATE)[:4096])
+            state = parse_json_bytes(archive.read(CHECKPOINT_STATE)[:4096], CHECKPOINT_STATE)
         epochs = state["epochs_completed"]
     except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as error:
         raise ValueError(f"no epoch count recorded ({type(error).__name__})") from None
@@ -155,8 +155,7 @@ def _move_aside(folder):
 
 
 def _load_backup(run_dir, model):
-    with open(os.path.join(run_dir, BACKUP_METADATA)) as stream:
-        epochs = json.load(stream)["epoch"]
+    epochs = read_json_file(os.path.join(run_dir, BACKUP_METADATA))["epoch"]
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"bad epoch {epochs!r}")
     _build_optimizer(model)

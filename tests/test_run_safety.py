@@ -354,3 +354,21 @@ def test_unwritable_save_dir_is_one_line_before_training(tmp_path, capsys, monke
     assert err.startswith("train.py: error: cannot write") and save_dir in err, err
     assert loads == []  # refused before the data are read
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_recorded_epoch_counts_nested_too_deep_are_refused_not_recursed(tmp_path):
+    """The epoch count inside a checkpoint and the backup's metadata are untrusted JSON: a
+    file nested thousands of levels deep is a ValueError (one line), not a RecursionError."""
+    import zipfile
+
+    from keras_local import resume
+
+    checkpoint = tmp_path / "last.keras"
+    with zipfile.ZipFile(checkpoint, "w") as archive:
+        archive.writestr(resume.CHECKPOINT_STATE, "[" * 4000 + "]" * 4000)
+    with pytest.raises(ValueError, match="no epoch count recorded"):
+        resume.checkpoint_epochs(checkpoint)
+    (tmp_path / "backup").mkdir()
+    (tmp_path / resume.BACKUP_METADATA).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nested deeper"):
+        resume._load_backup(str(tmp_path), model=None)
