@@ -155,8 +155,8 @@ def block_forward(block, inputs):
                         h_chunk, w["sim_kernel"], dmap)
                 dh = _sum(terms) if terms else tf.zeros_like(h_chunk)
                 dy = tf.raw_ops.LeakyReluGrad(gradients=dh, features=h_chunk, alpha=slope)
-                sums["beta"] = sums["beta"] + tf.reduce_sum(dy, [0, 1, 2])
-                sums["gamma"] = sums["gamma"] + tf.reduce_sum(dy * x_hat(index), [0, 1, 2])
+                sums["beta"] = sums["beta"] + tf_gradients.channel_sum(dy)
+                sums["gamma"] = sums["gamma"] + tf_gradients.channel_sum(dy * x_hat(index))
                 return sums, [arrays[0].write(index, dy)] + arrays[1:]
 
             sums = {"beta": tf.zeros_like(w["beta"]), "gamma": tf.zeros_like(w["gamma"])}
