@@ -411,13 +411,13 @@ def _train_in(prepared, run_dir, chief, started, verbose, export):
                                                         prepared.similarity_sample)
     if verbose:
         callbacks.append(CompactProgbar())
+    if verbose:
+        print(first_step_notice(model), flush=True)
     fit_started = time.perf_counter()
     history = model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps,
                         validation_data=test_ds, shuffle=False,
                         callbacks=callbacks, verbose=verbose, initial_epoch=initial_epoch)
     fit_seconds = time.perf_counter() - fit_started
-    if verbose:
-        print(first_step_notice(model), flush=True)
 
     scores = model.evaluate(test_ds, verbose=0, return_dict=True)
     save_model_atomically(model, os.path.join(run_dir, "model.keras"))
@@ -452,11 +452,6 @@ def _train_in(prepared, run_dir, chief, started, verbose, export):
     return result
 
 
-def similarity_sample(config, test):
-    """(normalised images, labels): the ``config.similarity_examples`` test images of the
-    similarity pictures, sorted by class; None when there are none (or no TensorFlow).
-    Decoded here, before the run directory exists, as large image folders hold paths."""
-    if not config.similarity_examples or keras.backend.backend() != "tensorflow":
 def first_step_notice(model):
     """What the silent first step does, printed before it starts."""
     blocks = len(model.local_blocks)
@@ -469,6 +464,11 @@ def first_step_notice(model):
             f"up to a minute or two for a deep conv net on a CPU)")
 
 
+def similarity_sample(config, test):
+    """(normalised images, labels): the ``config.similarity_examples`` test images of the
+    similarity pictures, sorted by class; None when there are none (or no TensorFlow).
+    Decoded here, before the run directory exists, as large image folders hold paths."""
+    if not config.similarity_examples or keras.backend.backend() != "tensorflow":
         return None
     chosen = class_sorted_sample(test[1], config.similarity_examples)
     images = _check_images(config, (test[0][chosen],), limit=len(chosen))
