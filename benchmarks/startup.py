@@ -4,6 +4,7 @@
     python benchmarks/startup.py                              # mlp, vgg8b, vgg11b, resnet18
     python benchmarks/startup.py --models mlp --batch-size 16 --num-hidden 64 --steps 2
     python benchmarks/startup.py --reference W                # and the authors' script
+    python benchmarks/startup.py --models vgg8b --xla none    # another XLA choice (A/B)
 
 Each model runs in a fresh Python process (nothing imported or traced before), with the
 recipe of ``throughput.MODELS`` (mlp 3x1024 and vgg8b on 28x28x1, vgg11b and resnet18 on
@@ -47,6 +48,9 @@ def parse_args(argv):
     p.add_argument("--num-hidden", type=int, default=None, help="mlp units (default: recipe)")
     p.add_argument("--feat-mult", type=float, default=None,
                    help="conv models' channel multiplier (default: the recipe's)")
+    p.add_argument("--xla", default="auto", choices=["auto", "update", "none", "step"],
+                   help="auto: the library's choice (LocalModel.compile); update: XLA compiles "
+                        "only the optimiser update; none; step: the whole step")
     p.add_argument("--trace", action="store_true",
                    help="split the first step into tracing and first run (an extra trace "
                         "of the step outside fit)")
@@ -90,7 +94,12 @@ def child(args):
     config = Config(model=architecture, batch_size=args.batch_size, **options)
     keras.utils.set_random_seed(config.seed)
     model = build_model(architecture, input_shape, NUM_CLASSES, config)
-    model.compile()
+    if args.xla == "auto":
+        model.compile()
+    else:  # as benchmarks/throughput.py's --xla: the same model, another XLA choice
+        model.compile(jit_compile=False)
+        model.xla_update = args.xla == "update"
+        model.jit_compile = args.xla == "step"
     times["built"] = since()
     rng = np.random.default_rng(0)
     images = rng.standard_normal((args.batch_size,) + tuple(input_shape)).astype("float32")
@@ -123,7 +132,8 @@ def child(args):
 
 def run_child(name, args):
     command = [sys.executable, os.path.abspath(__file__), "--child", name,
-               "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
+               "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+               "--xla", args.xla]
     for flag, value in (("--num-hidden", args.num_hidden), ("--feat-mult", args.feat_mult)):
         if value is not None:
             command += [flag, str(value)]

@@ -212,6 +212,18 @@ def test_startup_times_the_first_step_in_a_fresh_process(tmp_path):
     assert len(row) == 1 and row[0].split()[-1].endswith("x")
 
 
+def test_startup_times_another_xla_choice(tmp_path):
+    """--xla none: the mlp's step (XLA-compiled whole by default) runs without XLA."""
+    out = tmp_path / "startup.json"
+    run_script("startup.py", "--models", "mlp", "--batch-size", "8", "--num-hidden", "16",
+               "--steps", "1", "--xla", "none", "--json", str(out))
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["xla"] == "none" and 0 < result["steady_step_seconds"] < result["first_step"]
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "startup.py"),
+                           "--xla", "all"], capture_output=True, text=True)
+    assert done.returncode == 2 and "--xla: invalid choice: 'all'" in done.stderr
+
+
 def test_startup_rejects_a_reference_without_bench_py(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "startup.py"),
