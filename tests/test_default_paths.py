@@ -10,8 +10,14 @@ SIGKILLed in epoch 2; ``--resume`` finishes it and exports as train.py does by d
 Only what cannot be the default changes: ``--epochs 2`` (the kill comes in epoch 2), tiny
 generated data (the models' rows: Fashion-MNIST IDX files for the mlp, CIFAR-10 batches for
 conv nets), and ``--feat-mult 0.0625`` for convolutional networks (full-width networks take
-minutes per step on a CPU). Rows other than the cheapest are slow (CI runs
-them: ``python -m pytest -q -m slow tests/test_default_paths.py``).
+minutes per step on a CPU).
+
+Three tiers, because the whole matrix takes hours on two cores (resnet152 alone traces its
+step for minutes): the cheapest row runs in the default suite; one model of every builder
+and variant in every mode, and every reader of the dataset kinds, are ``slow`` (CI runs
+them: ``python -m pytest -q -m slow tests/test_default_paths.py``); the remaining rows
+(deeper members of a family, the same reader under another dataset name) are ``matrix``
+(``python -m pytest -q -m matrix tests/test_default_paths.py``, by hand before a release).
 """
 
 import csv
@@ -37,9 +43,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT}
 SMALL_FEAT_MULT = "0.0625"
 MODES = {"predsim": [], "backprop": ["--backprop"], "bio": ["--bio"]}
-# The one row of the default (non-slow) suite: the cheapest. The others are slow.
+# The one row of the default suite: the cheapest.
 FAST_MODELS = {("mlp", "predsim")}
 FAST_DATASETS = set()
+# Rows CI runs (slow): every builder and variant (CIFAR-style "a"/"b" VGG, ImageNet-style VGG,
+# basic-block ResNet, the wide ResNets and their adapted "a" form) in predsim, and one
+# model per family in every other mode. Every other row is ``matrix`` (module doc).
+CI_MODELS = {("vgg6a", "predsim"), ("vgg8", "predsim"), ("vgg8b", "predsim"),
+             ("resnet18", "predsim"), ("wresnet10-8a", "predsim"), ("wresnet16-4", "predsim"),
+             ("mlp", "backprop"), ("vgg8b", "backprop"), ("resnet18", "backprop"),
+             ("mlp", "bio"), ("vgg8b", "bio"), ("resnet18", "bio")}
+# One dataset per reader: the same IDX reader serves kmnist and fashion_mnist, the same
+# pickle reader cifar100.
+CI_DATASETS = {"fashion_mnist_demo", "mnist", "cifar10", "folder", "imagenet"}
 # Datasets read only through tensorflow-datasets (no reader of their original files in
 # keras-local): they need the network or TFDS's manual_dir archives, so no row here.
 TFDS_ONLY = {"svhn", "stl10"}
@@ -192,7 +208,8 @@ def model_rows():
     rows = []
     for name in list_models():
         for mode in MODES:
-            marks = [] if (name, mode) in FAST_MODELS else [pytest.mark.slow]
+            marks = ([] if (name, mode) in FAST_MODELS else [pytest.mark.slow]
+                     if (name, mode) in CI_MODELS else [pytest.mark.matrix])
             rows.append(pytest.param(name, mode, marks=marks, id=f"{name}-{mode}"))
     return rows
 
@@ -204,7 +221,8 @@ def dataset_rows():
             continue
         sizes = [size for dataset, size in FOLDER_ROWS if dataset == name] or [None]
         for size in sizes:
-            marks = [] if name in FAST_DATASETS else [pytest.mark.slow]
+            marks = ([] if name in FAST_DATASETS else [pytest.mark.slow]
+                     if name in CI_DATASETS else [pytest.mark.matrix])
             rows.append(pytest.param(name, size, marks=marks,
                                      id=name + (f"-{size}px" if size else "")))
     return rows
