@@ -190,6 +190,7 @@ def test_winograd_rejects_a_bad_shape():
     assert done.returncode == 2 and "--shapes: expected SIZExCHANNELS" in done.stderr
 
 
+@pytest.mark.slow  # a fresh TensorFlow process that traces and runs a step, like the others
 def test_startup_times_the_first_step_in_a_fresh_process(tmp_path):
     """A tiny mlp; --reference with a stand-in for the authors' bench.py, whose process
     wall time is the reference's time to its first step."""
@@ -212,6 +213,7 @@ def test_startup_times_the_first_step_in_a_fresh_process(tmp_path):
     assert len(row) == 1 and row[0].split()[-1].endswith("x")
 
 
+@pytest.mark.slow  # see test_startup_times_the_first_step_in_a_fresh_process
 def test_startup_times_another_xla_choice(tmp_path):
     """--xla none: the mlp's step (XLA-compiled whole by default) runs without XLA."""
     out = tmp_path / "startup.json"
