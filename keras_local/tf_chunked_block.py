@@ -164,7 +164,7 @@ def block_forward(block, inputs):
                 sums["sim_kernel"] = tf.zeros_like(w["sim_kernel"])
             sums, arrays = _for_chunks(
                 pass_one, sums, [_chunk_array(h.dtype, h.shape[1:])]
-                + [sim_maps] * ("sim" in upstream), after)
+                + ([sim_maps] if "sim" in upstream else []), after)
             dys = arrays[0]
             dbeta, dgamma = sums["beta"], sums["gamma"]
 
