@@ -241,16 +241,14 @@ def x_hat_from_output(h, slope, gamma, beta, kept, kept_z, mean, rsqrt):
     channels only) instead."""
     import tensorflow as tf
 
-    channels = h.shape[-1]
-    x_hat = tf.reshape((tf.minimum(h, h / slope) - beta) / gamma, [-1, channels])
-    # Branch-free (a tf.cond traces two functions at every call, a large share of the
-    # step's tracing): the kept channels' entries are scattered over x_hat, whose buffer
-    # the scatter updates in place, so with no kept channel it costs next to nothing.
-    positions = tf.shape(x_hat)[0]
-    kept_x_hat = (tf.reshape(kept_z, [positions, tf.size(kept)]) - tf.gather(mean, kept)) \
-        * tf.gather(rsqrt, kept)
-    rows, columns = tf.meshgrid(tf.range(positions), kept, indexing="ij")
-    x_hat = tf.tensor_scatter_nd_update(
-        x_hat, tf.reshape(tf.stack([rows, columns], axis=-1), [-1, 2]),
-        tf.reshape(kept_x_hat, [-1]))
-    return tf.reshape(x_hat, tf.shape(h))
+    x_hat = (tf.minimum(h, h / slope) - beta) / gamma
+
+    def with_kept_channels():
+        kept_x_hat = (kept_z - tf.gather(mean, kept)) * tf.gather(rsqrt, kept)
+        channels = tf.size(gamma)
+        source = tf.tensor_scatter_nd_update(
+            tf.range(channels), kept[:, None],
+            channels + tf.range(tf.size(kept), dtype=kept.dtype))
+        return tf.gather(tf.concat([x_hat, kept_x_hat], axis=-1), source, axis=-1)
+
+    return tf.cond(tf.size(kept) > 0, with_kept_channels, lambda: x_hat)

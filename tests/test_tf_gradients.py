@@ -114,53 +114,6 @@ def test_batch_norm_leaky_relu_returns_the_batch_moments(rng):
     np.testing.assert_allclose(variance, z.var(axis=(0, 1, 2)), rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", list(GAMMA_CASES))
-@pytest.mark.parametrize("shape", [(4, 3, 3, 8), (6, 8)])
-def test_x_hat_from_output_is_branch_free_and_exact(case, shape, rng):
-    """x_hat rebuilt from h (the LeakyReLU inverted, then BatchNorm's affine undone), the
-    kept channels from z, bitwise; one graph without a conditional (a tf.cond traced two
-    functions at every call)."""
-    z = rng.normal(0.7, 1.8, size=shape).astype("float32")
-    gamma, beta = (v.astype("float32") for v in GAMMA_CASES[case](rng, shape[-1]))
-    axes = tuple(range(len(shape) - 1))
-    mean, variance = z.mean(axis=axes), z.var(axis=axes)
-    rsqrt = (1.0 / np.sqrt(variance + EPSILON)).astype("float32")
-    h = np.asarray(tf.nn.leaky_relu((z - mean) * rsqrt * gamma + beta, alpha=SLOPE))
-
-    @tf.function(autograph=False)
-    def rebuild(h, gamma, beta, z, mean, rsqrt):
-        kept = tf_gradients.kept_channels(gamma, beta)
-        return tf_gradients.x_hat_from_output(h, SLOPE, gamma, beta, kept,
-                                              tf.gather(z, kept, axis=-1), mean, rsqrt)
-
-    @tf.function(autograph=False)
-    def with_a_branch(h, gamma, beta, z, mean, rsqrt):  # the former implementation
-        kept = tf_gradients.kept_channels(gamma, beta)
-        x_hat = (tf.minimum(h, h / SLOPE) - beta) / gamma
-
-        def with_kept_channels():
-            kept_x_hat = (tf.gather(z, kept, axis=-1) - tf.gather(mean, kept)) \
-                * tf.gather(rsqrt, kept)
-            source = tf.tensor_scatter_nd_update(
-                tf.range(tf.size(gamma)), kept[:, None],
-                tf.size(gamma) + tf.range(tf.size(kept), dtype=kept.dtype))
-            return tf.gather(tf.concat([x_hat, kept_x_hat], axis=-1), source, axis=-1)
-
-        return tf.cond(tf.size(kept) > 0, with_kept_channels, lambda: x_hat)
-
-    args = [tf.constant(a) for a in (h, gamma, beta, z, mean, rsqrt)]
-    got = rebuild(*args).numpy()
-    np.testing.assert_array_equal(got, with_a_branch(*args).numpy())
-    kept = np.asarray(tf_gradients.kept_channels(gamma, beta))
-    assert len(kept) == (4 if case == "gamma_near_zero" else 0)
-    with np.errstate(divide="ignore", invalid="ignore"):  # gamma 0: a kept channel
-        expected = (np.minimum(h, h / SLOPE) - beta) / gamma
-    expected[..., kept] = (z[..., kept] - mean[kept]) * rsqrt[kept]
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
-    op_types = {op.type for op in rebuild.get_concrete_function(*args).graph.get_operations()}
-    assert not op_types & {"If", "StatelessIf", "Case", "StatelessCase"}, op_types
-
-
 def block_step(block, x, labels):
     @tf.function
     def run(x):
