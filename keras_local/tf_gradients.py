@@ -128,15 +128,22 @@ def batch_norm(z, gamma, beta, epsilon):
             rsqrt = tf.math.rsqrt(variance + epsilon)
             with tf.control_dependencies([dy]):
                 x_hat = (z - mean) * rsqrt
-            dbeta = channel_sum(dy)
-            dgamma = channel_sum(dy * x_hat)
-            dz = (gamma * rsqrt) * (dy - dbeta / count - x_hat * (dgamma / count))
-            return dz, dgamma, dbeta
+            return batch_norm_gradients(dy, x_hat, gamma, rsqrt, count)
 
         return y, gradient
 
     y = forward(z, gamma, beta)
     return y, tf.stop_gradient(stats["mean"]), tf.stop_gradient(stats["variance"])
+
+
+def batch_norm_gradients(dy, x_hat, gamma, rsqrt, count):
+    """(dz, dgamma, dbeta) of training-mode BatchNorm given the output gradient ``dy``,
+    the normalised input ``x_hat``, 1 / sqrt(variance + epsilon) and the values per
+    channel; the two reductions by ``channel_sum``."""
+    dbeta = channel_sum(dy)
+    dgamma = channel_sum(dy * x_hat)
+    dz = (gamma * rsqrt) * (dy - dbeta / count - x_hat * (dgamma / count))
+    return dz, dgamma, dbeta
 
 
 def spatial_std(flat):
@@ -214,10 +221,7 @@ def batch_norm_leaky_relu(z, gamma, beta, epsilon, slope):
             # pass of the heads.
             with tf.control_dependencies([dy]):
                 x_hat = x_hat_from_output(h, slope, gamma, beta, kept, kept_z, mean, rsqrt)
-            dbeta = channel_sum(dy)
-            dgamma = channel_sum(dy * x_hat)
-            dz = (gamma * rsqrt) * (dy - dbeta / count - x_hat * (dgamma / count))
-            return dz, dgamma, dbeta
+            return batch_norm_gradients(dy, x_hat, gamma, rsqrt, count)
 
         return h, gradient
 
