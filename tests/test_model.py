@@ -203,3 +203,30 @@ def test_fashion_mnist_predsim_mlp_learns(fashion_mnist_small):
                                           return_dict=True)["error"]
     assert errors[False] < 20.0
     assert errors[True] < 25.0
+
+
+@pytest.mark.parametrize("name,shape", [("mlp", (6, 6, 1)), ("vgg8b", (28, 28, 1))])
+def test_first_step_is_traced_without_creating_variables(rng, name, shape):
+    """A tf.function that creates variables while traced is traced again (variable
+    creation forbidden): the optimiser must be built before fit traces its step, or the
+    first step pays the tracing twice."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tf.function tracing is TensorFlow's")
+    import tensorflow as tf
+
+    config = kl.Config(num_layers=2, num_hidden=16, feat_mult=0.0625, batch_size=8)
+    model = kl.build_model(name, shape, 4, config)
+    model.compile()
+    created_while_tracing = []
+
+    def creator(next_creator, **kwargs):
+        if tf.inside_function():
+            created_while_tracing.append(kwargs.get("name"))
+        return next_creator(**kwargs)
+
+    x, y = batch(rng, n=16, shape=shape)
+    with tf.variable_creator_scope(creator):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        model.evaluate(x, y, batch_size=8, verbose=0)
+    assert model.optimizer.built
+    assert created_while_tracing == []
