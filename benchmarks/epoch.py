@@ -10,7 +10,7 @@ Both read the same files (Fashion-MNIST IDX from the Debian package dataset-fash
 10,000-image test pass included:
 
 - the reference: ``reference_epoch.py`` runs the authors' unmodified ``train.py`` set up in
-  folder W (../shared/refbench/README.md) up to its training loop, then times its own
+  folder W (docs/benchmarks.md section 1) up to its training loop, then times its own
   ``train(1, lr)`` over the whole training loader and ``test(1)`` (its DataLoader loads and
   augments in the training process, as it does on CPU);
 - keras-local: ``train.py --recipe fashion_mnist-mlp-predsim --epochs E`` in a fresh
@@ -49,7 +49,7 @@ def parse_args(argv):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--reference", default=os.environ.get("KERAS_LOCAL_REFBENCH"),
                    help="folder with the authors' train.py set up as in "
-                        "../shared/refbench/README.md (default: $KERAS_LOCAL_REFBENCH)")
+                        "docs/benchmarks.md section 1 (default: $KERAS_LOCAL_REFBENCH)")
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist",
                    help="Fashion-MNIST IDX files for keras-local")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds")
@@ -59,7 +59,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not args.reference or not os.path.isfile(os.path.join(args.reference, "train.py")):
         p.error(f"--reference {args.reference!r}: no train.py there; set up the authors' "
-                f"script as in ../shared/refbench/README.md")
+                f"script as in docs/benchmarks.md section 1")
     if not os.path.isfile(os.path.join(args.data_dir, "train-images-idx3-ubyte.gz")):
         p.error(f"--data-dir {args.data_dir!r}: no Fashion-MNIST IDX files there "
                 f"(apt-get install dataset-fashion-mnist)")

@@ -13,7 +13,7 @@ truth. Printed: the share of trainable weights that end more than 1% of the lear
 rate away from it, for keras-local and for the authors' float32 run, and the tensors
 with the largest shares.
 
-W: the reference folder set up as in ../shared/refbench/README.md (train.py, the
+W: the authors' script set up as in docs/benchmarks.md section 1 (train.py, the
 torchvision stand-in, venv/ with torch); ``reference_steps.py`` runs there.
 """
 
@@ -51,7 +51,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.reference or not os.path.isfile(os.path.join(args.reference, "train.py")):
         p.error(f"--reference {args.reference!r}: no train.py there; set up the authors' "
-                "script as in ../shared/refbench/README.md")
+                "script as in docs/benchmarks.md section 1")
     args.python = args.python or os.path.join(args.reference, "venv", "bin", "python")
     if not os.path.isfile(args.python):
         p.error(f"--python {args.python!r}: not a file")

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-# name -> (input shape, recipe options of REFERENCE.md section 5)
+# name -> (input shape, recipe options of docs/method.md section 10)
 MODELS = {
     "vgg8b": ((28, 28, 1), dict(dropout=0.1, nonlin="leakyrelu", dim_in_decoder=1024)),
     "vgg11b": ((32, 32, 3), dict(dropout=0.2, nonlin="leakyrelu", dim_in_decoder=2048)),

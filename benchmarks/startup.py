@@ -16,8 +16,8 @@ time of ``--steps`` more steps. Where the time goes inside the first step: the c
 ``--trace`` splits it into tracing the step (Python) and its first run (Grappler, XLA,
 the step).
 
-``--reference W`` (a folder set up as in ../shared/refbench/README.md) also times the
-authors' script to the end of its first step: ``bench.py 1 0`` on the same recipe, its
+``--reference W`` (the authors' script set up as in docs/benchmarks.md section 1) also
+times it to the end of its first step: ``bench.py 1 0`` on the same recipe, its
 interpreter start, imports, data and model set-up included (the process's wall time).
 Figures from a machine shared with other jobs are meaningless; the table prints the load
 average.
@@ -63,7 +63,7 @@ def parse_args(argv):
         p.error(f"--batch-size and --steps must be >= 1, got {args.batch_size} and {args.steps}")
     if args.reference and not os.path.isfile(os.path.join(args.reference, "bench.py")):
         p.error(f"--reference {args.reference}: no bench.py there "
-                f"(see ../shared/refbench/README.md)")
+                f"(set it up as docs/benchmarks.md section 1 says)")
     return args
 
 

@@ -34,7 +34,7 @@ next to their arithmetic ratio, and the fraction of this machine's float32 matmu
 (a ``tf.matmul`` loop, measured here) that each step reaches.
 
 Side by side (``--reference W`` or ``KERAS_LOCAL_REFBENCH=W``; W is a folder set up as
-in ../shared/refbench/README.md: the authors' unmodified ``train.py``, ``bench.py``, the
+in docs/benchmarks.md section 1: the authors' unmodified ``train.py``, ``bench.py``, the
 torchvision stand-in and a ``venv`` with torch): for every model and mode, rounds alternate
 one run of the authors' script (its compute-only images/s, ``bench.py``) with
 ``--windows`` timed windows of keras-local's default configuration on the same recipe;
@@ -55,14 +55,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report_json import cpu_model, tagged_json, write_json  # noqa: E402
 
-# name -> (builder, input shape, recipe options); the recipes of REFERENCE.md section 5.
+# name -> (builder, input shape, recipe options); the recipes of docs/method.md section 10.
 MODELS = {
     "mlp": ("mlp", (28, 28, 1), dict(num_layers=3, num_hidden=1024, dropout=0.025,
                                      nonlin="leakyrelu")),
     "vgg8b": ("vgg8b", (28, 28, 1), dict(dropout=0.1, nonlin="leakyrelu", dim_in_decoder=1024)),
     "vgg11b": ("vgg11b", (32, 32, 3), dict(dropout=0.2, nonlin="leakyrelu",
                                            dim_in_decoder=2048)),
-    # ResNets (REFERENCE.md section 6): the script's defaults (not in the default list)
+    # ResNets (docs/method.md section 6): the script's defaults (not in the default list)
     "resnet18": ("resnet18", (32, 32, 3), dict()),
     "wresnet16-4": ("wresnet16-4", (32, 32, 3), dict()),
 }
@@ -575,7 +575,7 @@ def main(argv=None):
     if args.reference:
         if not os.path.exists(os.path.join(args.reference, "bench.py")):
             sys.exit(f"throughput.py: error: --reference {args.reference}: no bench.py there; "
-                     "set it up as ../shared/refbench/README.md says")
+                     "set it up as docs/benchmarks.md section 1 says")
         return main_side_by_side(args)
 
     load_before = os.getloadavg()

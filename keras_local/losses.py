@@ -1,4 +1,4 @@
-"""The similarity matrix and the local loss functions (REFERENCE.md section 1).
+"""The similarity matrix and the local loss functions (docs/method.md sections 2 and 3).
 
 Only ``keras.ops`` is used, so every function runs on each Keras 3 backend.
 Inputs are channels-last (NHWC) feature maps or (batch, features) matrices.

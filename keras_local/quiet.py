@@ -41,8 +41,9 @@ def quiet_start(import_tensorflow=None):
     It also sets the default of ``TF_ENABLE_ONEDNN_OPTS`` to 1 (an explicit setting wins):
     the TensorFlow 2.21 x86 wheel leaves oneDNN's kernels off on CPUs without AVX-512
     (``IsMklEnabled()`` False on an AVX2 EPYC), and with them on a vgg8b step ran 1.15-1.25x
-    (predsim) and 1.6x (backprop) faster there (README, Results). It has to be set before
-    TensorFlow is imported, which is why it lives here, in every entry point's first call.
+    (predsim) and 1.6x (backprop) faster there (docs/benchmarks.md section 6). It has to be
+    set before TensorFlow is imported, which is why it lives here, in every entry point's
+    first call.
     ``train.py --deterministic`` sets it to 0 first: with oneDNN on, a run resumed after a
     SIGKILL ended 1e-6 away from the uninterrupted one despite enable_op_determinism
     (tests/test_reliability.py; with it off the two are bit-identical).

@@ -251,7 +251,7 @@ def conv_input_gradient(kernel):
     its channel axes swapped: the same products, summed in another order. oneDNN's forward
     kernel ran 1.2x (28x28x256) to 2.4x (14x14x512) faster than its backward-input kernel on
     the sim heads' maps (one chunk of 16, 2 cores); the vgg8b predsim step went from 16.5 to
-    13.6 s (README, "How the train step keeps locality")."""
+    13.6 s (docs/benchmarks.md section 6)."""
     import tensorflow as tf
 
     height, width = kernel.shape[0], kernel.shape[1]

@@ -9,7 +9,7 @@ def backbone_params(model):
     return sum(int(np.prod(v.shape)) for v in model.inference_model().trainable_weights)
 
 
-# REFERENCE.md section 2: backbone parameter counts.
+# docs/method.md section 5: backbone parameter counts.
 @pytest.mark.parametrize("name,shape,feat_mult,num_layers,expected", [
     ("mlp", (28, 28, 1), 1, 3, 2.9e6),
     ("vgg8b", (28, 28, 1), 1, 1, 7.3e6),

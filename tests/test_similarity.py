@@ -13,7 +13,7 @@ from keras_local.losses import (
 
 
 def numpy_similarity(x):
-    """REFERENCE.md section 1, written out in NumPy on NCHW-equivalent data."""
+    """docs/method.md section 3, written out in NumPy on NCHW-equivalent data."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == 4 and x.shape[-1] > 3 and x.shape[1] > 1:
         b, h, w, c = x.shape

@@ -1,4 +1,4 @@
-"""What each supported dataset is: shape, classes, normalisation, augmentation (REFERENCE.md section 3)."""
+"""What each supported dataset is: shape, classes, normalisation, augmentation (docs/method.md section 9)."""
 
 import dataclasses
 

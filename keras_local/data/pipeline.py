@@ -182,7 +182,7 @@ def batch_seed(seed, epoch, index):
 
 
 def augment_batch(images, seed, info, config):
-    """Random crop after zero padding, horizontal flip, cutout (REFERENCE.md section 3),
+    """Random crop after zero padding, horizontal flip, cutout (docs/method.md section 9),
     drawn independently for every image of a (B, H, W, C) batch.
 
     ``seed`` is a (2,) int64 tensor; every random choice is a stateless function of it.

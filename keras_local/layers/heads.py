@@ -26,7 +26,7 @@ def torch_bias_initializer(fan_in, seed=None):
 
 
 def decoder_pool_geometry(channels, size, dim_in_decoder):
-    """Average-pool kernel and padding of the pred head (REFERENCE.md section 1).
+    """Average-pool kernel and padding of the pred head (docs/method.md section 4).
 
     Returns (kernel_h, kernel_w, pad_h, pad_w) for a (size x size x channels) map so
     that the flattened pooled size is at most ``dim_in_decoder`` where possible.

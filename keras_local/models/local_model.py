@@ -147,7 +147,7 @@ class LocalModel(keras.Model):
         whole, XLA ignores the block order that lets local training free each block's
         activations (vgg19 predsim then needed as much memory as backprop), and its CPU
         convolutions were slower than TensorFlow's. Dense-only networks (mlp) compile the
-        whole step, which was fastest for them (benchmarks/throughput.py, README Results).
+        whole step, which was fastest for them (docs/benchmarks.md section 5).
         ``steps_per_execution`` defaults to ``Config.resolved_steps_per_execution``.
         """
         if optimizer is None:

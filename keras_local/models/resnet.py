@@ -1,4 +1,4 @@
-"""ResNets and wide ResNets of the authors' script (REFERENCE.md section 6), every
+"""ResNets and wide ResNets of the authors' script (docs/method.md section 6), every
 convolution a local block (``keras_local.layers.residual.ResidualConv``).
 
 - ``resnet18/34`` (BasicBlock: two 3x3 convs), ``resnet50/101/152`` (Bottleneck: 1x1, 3x3,

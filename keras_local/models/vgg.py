@@ -1,4 +1,4 @@
-"""VGG-style networks: the channel lists of REFERENCE.md section 2 ('M' = 2x2 max-pool)."""
+"""VGG-style networks: the channel lists of docs/method.md section 5 ('M' = 2x2 max-pool)."""
 
 import functools
 

@@ -19,7 +19,7 @@ from keras_local.steps import rule
 
 class TensorFlowExecutor(rule.SequentialSchedule):
     """Gradients with ``tf.GradientTape``; losses divided by the replica count because
-    Keras sums gradients across replicas (PITFALLS: custom train_step under tf.distribute)."""
+    Keras sums gradients across replicas (docs/design.md section 3)."""
 
     device_scope = staticmethod(device_scope)
 
