@@ -1,5 +1,5 @@
-"""``python -m export RUN_DIR``: ``keras_local.cli.export`` (console script
-``keras-local-export``)."""
+"""``python -m export RUN_DIR``: the repository shim of ``keras-local-export``
+(``keras_local.cli.export``)."""
 
 import sys
 

@@ -1,5 +1,5 @@
-"""``python -m export.predict MODEL.onnx INPUT...``: ``keras_local.cli.predict`` (console
-script ``keras-local-predict``)."""
+"""``python -m export.predict MODEL.onnx INPUT...``: the repository shim of
+``keras-local-predict`` (``keras_local.cli.predict``)."""
 
 import sys
 

@@ -1,7 +1,7 @@
 """Reports of finished runs: error curves of several runs in one PNG, a table, and the
 summary printed at the end of a run.
 
-    python -m keras_local.report RUN_DIR [RUN_DIR ...] [-o curves.png]
+    keras-local-report RUN_DIR [RUN_DIR ...] [-o curves.png]
 
 Reads what training writes into a run directory: ``config.json`` (the options),
 ``history.csv`` (one row per epoch: ``error`` on the training batches, ``val_error`` on the
@@ -9,7 +9,6 @@ test set) and ``results.json`` (final test error, wall time, images/s; absent wh
 unfinished). Bad run directories: one line on stderr, exit code 2, nothing written.
 """
 
-import argparse
 import csv
 import dataclasses
 import math
@@ -17,9 +16,9 @@ import os
 import shlex
 import sys
 
+from keras_local.cli import (EXIT_BAD_INPUT, EXPORT_COMMAND, PREDICT_COMMAND, REPORT_COMMAND,
+                             OneLineParser)
 from keras_local.json_files import JSONFileError, read_json_file
-
-EXIT_BAD_INPUT = 2
 
 
 class ReportError(ValueError):
@@ -180,28 +179,23 @@ def run_summary(path, exported):
     if exported and os.path.isfile(onnx):
         lines.append(f"  exported model   {export_dir}")
     else:
-        lines.append("  exported model   none yet (python -m export, below)")
+        lines.append(f"  exported model   none yet ({EXPORT_COMMAND}, below)")
         onnx = os.path.join("saved_models", os.path.basename(os.path.normpath(path)),
                             "model.onnx")
     lines += [
         "next:",
         f"  tensorboard --logdir {shlex.quote(os.path.join(path, 'logs'))}",
-        f"  python -m export {quoted}   # SavedModel + ONNX into saved_models/",
-        f"  python -m export.predict {shlex.quote(onnx)} IMAGE.png",
-        f"  python -m keras_local.report {quoted} [OTHER_RUN ...] -o curves.png",
+        f"  {EXPORT_COMMAND} {quoted}   # SavedModel + ONNX into saved_models/",
+        f"  {PREDICT_COMMAND} {shlex.quote(onnx)} IMAGE.png",
+        f"  {REPORT_COMMAND} {quoted} [OTHER_RUN ...] -o curves.png",
     ]
     return lines
 
 
 # ------------------------------------------------------------------------ CLI
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
-
-
 def main(argv=None):
     parser = OneLineParser(
-        prog="python -m keras_local.report",
+        prog=REPORT_COMMAND,
         description="Error curves (PNG) and a table of keras-local runs.")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
     parser.add_argument("-o", "--output", default="curves.png",

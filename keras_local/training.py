@@ -3,8 +3,9 @@
 A run directory (``<save_dir>/<dataset>_<model>_<mode>_<time>``) holds:
   config.json            every option of the run
   logs/                  TensorBoard: train/validation loss and error, learning rate,
-                         per-block pred loss, sim loss and local-head error; the run's
-                         HParams; logs/similarity: per-block similarity images
+                         epoch time, per-block pred loss, sim loss and local-head error
+                         (section block_k); the run's HParams; logs/similarity:
+                         per-block similarity images
   history.csv            the same per-epoch numbers as CSV
   checkpoints/last.keras the whole model after the last completed epoch
   backup/                Keras BackupAndRestore state (removed when the run completes)
@@ -37,6 +38,7 @@ from keras_local.callbacks import (
     class_sorted_sample,
     NaNGuard,
     EpochTimes,
+    GroupedTensorBoard,
     RandomStreams,
     milestone_scheduler,
     save_model_atomically,
@@ -402,8 +404,8 @@ def _train_in(prepared, run_dir, chief, started, verbose, export):
         keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
     ]
     if with_tensorflow:  # TensorBoard's writer needs TensorFlow
-        callbacks.insert(-1, keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"),
-                                                         write_graph=False))
+        callbacks.insert(-1, GroupedTensorBoard(os.path.join(run_dir, "logs"),
+                                                write_graph=False))
     elif verbose:
         print("TensorFlow is not installed: no TensorBoard logs (history.csv has the numbers)")
     if with_tensorflow and keras.backend.backend() == "tensorflow":
@@ -434,11 +436,11 @@ def _train_in(prepared, run_dir, chief, started, verbose, export):
     if export and keras.backend.backend() != "tensorflow":
         export = False
         print(f"export skipped: it needs the tensorflow backend; run "
-              f"`python -m export {run_dir}` where TensorFlow is installed")
+              f"`keras-local-export {run_dir}` where TensorFlow is installed")
     if export:
         result.export_dir = os.path.join(run_dir, "export")
     # results.json marks the training as finished; the export can be redone with
-    # `python -m export RUN_DIR` if it fails.
+    # `keras-local-export RUN_DIR` if it fails.
     write_json_atomically(os.path.join(run_dir, "results.json"), dataclasses.asdict(result))
     if export:
         from keras_local.exporting import export_model

@@ -1,4 +1,4 @@
-"""Export (keras_local/exporting.py, python -m export): heads stripped, SavedModel + ONNX
+"""Export (keras_local/exporting.py, keras-local-export): heads stripped, SavedModel + ONNX
 reproduce the trained Keras model on real Fashion-MNIST test images fed as raw pixels."""
 
 import hashlib
@@ -310,7 +310,7 @@ def test_cli_bad_input_exits_2_and_writes_nothing(kind, run_dir, tmp_path, monke
     captured = capsys.readouterr()
     assert captured.out == ""
     assert len(captured.err.strip().splitlines()) == 1
-    assert captured.err.startswith("error: ") and source.name in captured.err
+    assert captured.err.startswith("keras-local-export: error: ") and source.name in captured.err
     assert sorted(tmp_path.rglob("*")) == before
 
 

@@ -1,8 +1,9 @@
-"""python -m export.predict: classify PNG/JPEG files and .npy batches with an exported ONNX
-model; bad input gives one line and exit code 2."""
+"""keras-local-predict (and its repository shim python -m export.predict): classify PNG/JPEG
+files and .npy batches with an exported ONNX model; bad input gives one line and exit code 2."""
 
 import os
 import pathlib
+import shutil
 import struct
 import subprocess
 import sys
@@ -27,10 +28,15 @@ def normalise(raw):
     return ((raw / 255.0 - np.float32(INFO.mean)) / np.float32(INFO.std)).astype("float32")
 
 
-def run_predict(*args):
+def run_predict(*args, shim=False):
+    """The installed console script keras-local-predict, or (``shim``) the repository's
+    python -m export.predict."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, "-m", "export.predict", *map(str, args)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=120)
+    script = shutil.which("keras-local-predict", path=os.path.dirname(sys.executable))
+    assert script, "console script keras-local-predict not installed: pip install -e . first"
+    command = [sys.executable, "-m", "export.predict"] if shim else [script]
+    return subprocess.run([*command, *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +162,7 @@ def test_bad_input_exits_2_with_one_line(kind, learned, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert len(captured.err.strip().splitlines()) == 1
-    assert captured.err.startswith("error: ") and message in captured.err
+    assert captured.err.startswith("keras-local-predict: error: ") and message in captured.err
 
 
 def test_bad_input_from_the_command_line(learned, tmp_path):
@@ -167,3 +173,5 @@ def test_bad_input_from_the_command_line(learned, tmp_path):
     assert result.stdout == ""
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "broken.jpg" in result.stderr
+    assert result.stderr.startswith("keras-local-predict: error: ")
+    assert run_predict(learned[0], broken, shim=True).stderr == result.stderr

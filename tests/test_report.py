@@ -5,6 +5,8 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -118,9 +120,12 @@ def test_end_of_run_summary_names_results_places_and_next_commands(tiny_runs, tm
     assert f"{recorded['images_per_second']:,.0f} training images/s" in text
     assert f"run directory    {run_dir}" in text
     assert f"tensorboard --logdir {os.path.join(run_dir, 'logs')}" in text
-    assert f"python -m export {run_dir}" in text
+    assert f"keras-local-export {run_dir}   # SavedModel + ONNX into saved_models/" in text
+    assert f"keras-local-report {run_dir} [OTHER_RUN ...] -o curves.png" in text
+    assert "exported model   none yet (keras-local-export, below)" in text
+    assert "python -m" not in text
     name = os.path.basename(run_dir)
-    assert f"python -m export.predict saved_models/{name}/model.onnx IMAGE.png" in text
+    assert f"keras-local-predict saved_models/{name}/model.onnx IMAGE.png" in text
     # After an export at the end of the run, predict points at the run's own ONNX file.
     exported = tmp_path / name
     shutil.copytree(run_dir, exported)
@@ -128,4 +133,34 @@ def test_end_of_run_summary_names_results_places_and_next_commands(tiny_runs, tm
     (exported / "export" / "model.onnx").write_bytes(b"")
     text = "\n".join(run_summary(str(exported), exported=True))
     assert f"exported model   {exported / 'export'}" in text
-    assert f"python -m export.predict {exported / 'export' / 'model.onnx'} IMAGE.png" in text
+    assert f"keras-local-predict {exported / 'export' / 'model.onnx'} IMAGE.png" in text
+
+
+def console_script(name):
+    """The installed console script ``name`` (``pip install -e .`` puts it beside the
+    interpreter)."""
+    path = shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name)
+    assert path, f"console script {name} not installed: pip install -e '.[dev]' first"
+    return path
+
+
+def test_keras_local_report_console_script_runs(tiny_runs, tmp_path):
+    """The installed entry point (not only main()): table and PNG; bad input in one line
+    named after the script, exit code 2."""
+    report = console_script("keras-local-report")
+    done = subprocess.run([report, tiny_runs["predsim"], tiny_runs["backprop"], "-o",
+                           "both.png"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:2] == ["run", "epochs"] and len(lines) == 4
+    assert {line.split()[1] for line in lines[1:3]} == {"predsim", "backprop"}
+    assert lines[-1] == "curves: both.png"
+    with Image.open(tmp_path / "both.png") as picture:
+        assert picture.format == "PNG"
+    missing = tmp_path / "no_run"
+    bad = subprocess.run([report, str(missing)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr == f"keras-local-report: error: {missing}: no such directory\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["both.png"]

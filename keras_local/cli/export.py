@@ -1,4 +1,4 @@
-"""python -m export RUN_DIR_OR_CHECKPOINT [--format savedmodel onnx] [--out DIR] [--overwrite]
+"""keras-local-export RUN_DIR_OR_CHECKPOINT [--format savedmodel onnx] [--out DIR] [--overwrite]
 
 A run directory holds ``config.json``, ``model.keras`` (or ``checkpoints/last.keras``) and
 optionally ``results.json`` with ``{"test_error": ...}``; a checkpoint is a ``.keras`` file
@@ -6,11 +6,11 @@ of a LocalModel. Bad input (not a run or checkpoint, unreadable file): one line 
 exit code 2, nothing written. A failed export (e.g. parity check): exit code 1.
 """
 
-import argparse
 import pathlib
 import sys
 import zipfile
 
+from keras_local.cli import EXIT_BAD_INPUT, EXPORT_COMMAND, OneLineParser
 from keras_local.quiet import quiet_start
 
 quiet_start()  # before Keras imports TensorFlow: no C++ start-up noise
@@ -23,7 +23,6 @@ from keras_local.model_files import ModelFileError, check_keras_file
 from keras_local.models.local_model import LocalModel, load_model
 
 EXIT_EXPORT_FAILED = 1
-EXIT_BAD_INPUT = 2
 
 
 class BadInput(Exception):
@@ -31,8 +30,8 @@ class BadInput(Exception):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="python -m export",
+    parser = OneLineParser(
+        prog=EXPORT_COMMAND,
         description="Export a trained keras-local model (heads stripped) as SavedModel/ONNX.")
     parser.add_argument("source", help="run directory or .keras checkpoint")
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS),
@@ -122,20 +121,20 @@ def main(argv=None):
                 raise BadInput(str(error)) from None
         model = load_local_model(model_file)
     except BadInput as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{EXPORT_COMMAND}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         metadata = export_model(model, out_dir, formats=args.formats, test_error=test_error,
                                 run_config=run_config, overwrite=args.overwrite)
     except NotReplaceableError as error:  # files appeared in --out while exporting
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{EXPORT_COMMAND}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as error:  # an unwritable or full destination: the user's to fix
-        print(f"error: cannot write the export to {out_dir}: {error.strerror or error}",
-              file=sys.stderr)
+        print(f"{EXPORT_COMMAND}: error: cannot write the export to {out_dir}: "
+              f"{error.strerror or error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (ExportError, RuntimeError, ValueError) as error:  # parity, backend, dataset
-        print(f"error: export failed: {error}", file=sys.stderr)
+        print(f"{EXPORT_COMMAND}: error: export failed: {error}", file=sys.stderr)
         return EXIT_EXPORT_FAILED
     diffs = ", ".join(f"{fmt} {diff:.1e}" for fmt, diff in metadata["parity_max_abs_diff"].items())
     print(f"exported {metadata['architecture']} ({metadata['parameter_count']:,} parameters, "

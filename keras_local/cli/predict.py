@@ -1,8 +1,8 @@
-"""python -m export.predict MODEL.onnx INPUT... [--top-k 3]
+"""keras-local-predict MODEL.onnx INPUT... [--top-k 3]
 
 Classifies PNG/JPEG images (converted to the model's channels and resized to its input
 size) or ``.npy`` batches of raw pixels (N, H, W, C) or (H, W, C) in [0, 255] with an
-ONNX model written by ``python -m export``; reads ``metadata.json`` beside the model.
+ONNX model written by ``keras-local-export``; reads ``metadata.json`` beside the model.
 Prints one line per input: the top-k classes with their probabilities. Bad input: one
 line on stderr, exit code 2. The model's sha256 must match the one ``metadata.json`` lists
 (``--no-verify`` skips the check).
@@ -20,10 +20,10 @@ import numpy as np
 import onnxruntime
 from PIL import Image
 
+from keras_local.cli import EXIT_BAD_INPUT, EXPORT_COMMAND, PREDICT_COMMAND, OneLineParser
 from keras_local.data.folders import printable
 from keras_local.json_files import JSONFileError, read_json_file
 
-EXIT_BAD_INPUT = 2
 IMAGE_FORMATS = ("PNG", "JPEG")
 IMAGE_MODES = {1: "L", 3: "RGB"}
 METADATA_FILE = "metadata.json"
@@ -41,7 +41,7 @@ def load_model(model_path, verify=True):
     metadata_path = model_path.parent / METADATA_FILE
     if not metadata_path.is_file():
         raise BadInput(f"no {METADATA_FILE} beside {model_path}: export the model with "
-                       "python -m export")
+                       f"{EXPORT_COMMAND}")
     try:
         metadata = read_json_file(metadata_path)
         shape = tuple(int(d) for d in metadata["input"]["shape"][1:])
@@ -173,10 +173,10 @@ def top_k(probabilities, class_names, k):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="python -m export.predict",
+    parser = OneLineParser(
+        prog=PREDICT_COMMAND,
         description="Classify PNG/JPEG images or .npy batches with an exported ONNX model.")
-    parser.add_argument("model", help="model.onnx written by python -m export")
+    parser.add_argument("model", help=f"model.onnx written by {EXPORT_COMMAND}")
     parser.add_argument("inputs", nargs="+", help="PNG/JPEG files or .npy arrays of raw pixels")
     parser.add_argument("--top-k", type=_positive_int, default=3,
                         help="classes to print per input (default 3)")
@@ -198,7 +198,7 @@ def main(argv=None):
         session, metadata = load_model(args.model, verify=not args.no_verify)
         examples = load_inputs(args.inputs, metadata["input_shape"])
     except BadInput as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{PREDICT_COMMAND}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     probabilities = classify(session, np.stack([image for _, image in examples]))
     for (label, _), row in zip(examples, probabilities):
