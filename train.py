@@ -1,8 +1,6 @@
 #!/usr/bin/env python
-"""Train a network with local error signals: ``keras_local.cli.train`` (installed as the
-console script ``keras-local-train``).
-
-Example:  python train.py --dataset cifar10 --model vgg11b
+"""The repository shim of the console script ``keras-local-train``
+(``keras_local.cli.train``): ``python train.py ARGS`` runs ``keras-local-train ARGS``.
 """
 
 import sys

@@ -2,10 +2,9 @@
 
 Options are those of the authors' ``run_experiments.sh`` (public repository
 anokland/local-loss), one command per published number; errors are their README's
-tables (REFERENCE.md section 4 lists most of them). Options not named by a recipe keep
-the reference script's defaults, which are ``Config``'s (batch 128, Adam, lr decay
-factor 0.25, beta 0.99, ...). The "bio" commands of that script are not here: their
-numbers are not in those tables.
+tables. Options not named by a recipe keep the reference script's defaults, which are
+``Config``'s (batch 128, Adam, lr decay factor 0.25, beta 0.99, ...). The "bio" commands
+of that script are not here: their numbers are not in those tables.
 
 A row's four methods follow one pattern: ``backprop`` (global loss, ReLU), ``pred``
 (ReLU, the row's ``dim_in_decoder``), ``sim`` (LeakyReLU, and on CIFAR-100 batches of 20
@@ -77,7 +76,7 @@ class Recipe:
     options: dict        # Config fields this row sets
 
     def flags(self):
-        """The row as train.py flags."""
+        """The row as keras-local-train flags."""
         parts = []
         for key, value in self.options.items():
             flag = "--" + key.replace("_", "-")
@@ -223,7 +222,7 @@ def apply_recipe(values, explicit, name=None):
 
 
 def format_recipes():
-    """The recipe table that ``train.py --list-recipes`` prints."""
+    """The recipe table that ``keras-local-train --list-recipes`` prints."""
     width = max(map(len, RECIPES))
     lines = [f"{'recipe':<{width}}  error %  options (Config defaults otherwise)"]
     for recipe in RECIPES.values():

@@ -81,7 +81,7 @@ def test_unknown_recipe_is_one_line_exit_2(capsys):
     assert train_module().main(["--recipe", "cifar10-vgg99-predsim"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
-    assert err.startswith("train.py: error: unknown recipe 'cifar10-vgg99-predsim'; "
+    assert err.startswith("keras-local-train: error: unknown recipe 'cifar10-vgg99-predsim'; "
                           "choose one of none, mnist-mlp-backprop")
 
 

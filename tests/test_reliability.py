@@ -103,7 +103,7 @@ def test_sigkill_mid_epoch_2_then_resume_gives_the_uninterrupted_weights(tmp_pat
     # and once finished: nothing to do, exit 0
     assert train_main(["--resume", run_dir]) == 0
     finished = capsys.readouterr().out.strip()
-    assert finished == f"train.py: {run_dir} already finished, nothing to do"
+    assert finished == f"keras-local-train: {run_dir} already finished, nothing to do"
 
 
 # --------------------------------------------------------------- run directories (break 8)
@@ -294,7 +294,8 @@ def test_export_into_an_unwritable_place_is_one_line_exit_2(exported, tmp_path, 
     assert export_main([str(exported[0]), "--format", "onnx", "--out",
                         str(blocker / "export")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: cannot write the export"), err
+    assert err.count("\n") == 1, err
+    assert err.startswith("keras-local-export: error: cannot write the export"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 

@@ -351,7 +351,7 @@ def test_unwritable_save_dir_is_one_line_before_training(tmp_path, capsys, monke
                         lambda *args: loads.append(args) or data.load_arrays(*args))
     assert train_main([*TINY, "--save-dir", save_dir]) == 2
     err = one_line_error(capsys)
-    assert err.startswith("train.py: error: cannot write") and save_dir in err, err
+    assert err.startswith("keras-local-train: error: cannot write") and save_dir in err, err
     assert loads == []  # refused before the data are read
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 

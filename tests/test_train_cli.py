@@ -3,6 +3,7 @@ import glob
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,7 +158,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message,
         sys.exit(train_main([*args, "--save-dir", str(save_dir), "--epochs", "1"]))
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err
-    assert stderr.count("\n") == 1 and stderr.startswith("train.py: error: "), stderr
+    assert stderr.count("\n") == 1 and stderr.startswith("keras-local-train: error: "), stderr
     assert message in stderr
     assert not save_dir.exists()
 
@@ -231,3 +232,148 @@ def test_says_what_the_first_step_does_before_it_starts(tmp_path):
     assert len(notice) == 1 and "XLA compiles it" in lines[notice[0]], result.stdout
     assert lines[notice[0] - 1].startswith("mlp on fashion_mnist_demo: 256 training")
     assert lines[notice[0] + 1].startswith("the first step takes longer than the others")
+
+
+# ------------------------------------------------------------- the console scripts
+def console_script(name):
+    """The installed console script ``name`` (``pip install -e .`` puts it beside the
+    interpreter)."""
+    path = shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name)
+    assert path, f"console script {name} not installed: pip install -e '.[dev]' first"
+    return path
+
+
+def declared_scripts():
+    """pyproject.toml's [project.scripts] table, read as text (no tomllib on Python 3.10)."""
+    text = open(os.path.join(ROOT, "pyproject.toml")).read()
+    table = text.split("[project.scripts]\n", 1)[1].split("\n[", 1)[0]
+    return dict((part.strip().strip('"') for part in line.split("=", 1))
+                for line in table.splitlines() if "=" in line)
+
+
+def test_the_printed_command_names_are_the_declared_console_scripts():
+    from keras_local.cli import EXPORT_COMMAND, PREDICT_COMMAND, REPORT_COMMAND, TRAIN_COMMAND
+
+    assert declared_scripts() == {TRAIN_COMMAND: "keras_local.cli.train:main",
+                                  EXPORT_COMMAND: "keras_local.cli.export:main",
+                                  PREDICT_COMMAND: "keras_local.cli.predict:main",
+                                  REPORT_COMMAND: "keras_local.report:main"}
+    assert (TRAIN_COMMAND, EXPORT_COMMAND, PREDICT_COMMAND, REPORT_COMMAND) == (
+        "keras-local-train", "keras-local-export", "keras-local-predict", "keras-local-report")
+
+
+def test_bare_command_says_in_one_line_what_to_type(tmp_path):
+    done = subprocess.run([console_script("keras-local-train")], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("keras-local-train: error: no options given; the defaults "
+                                  "(--dataset cifar10 --model vgg8b, 400 epochs) download "
+                                  "cifar10"), done.stderr
+    assert done.stderr.endswith(" Offline demo: keras-local-train --dataset "
+                                "fashion_mnist_demo --model mlp --epochs 2\n"), done.stderr
+    assert list(tmp_path.iterdir()) == []  # no runs/ folder, nothing downloaded
+
+
+BACKEND_CHECK = """
+import sys
+from keras_local.cli.train import main
+try:
+    code = main({argv!r})
+except SystemExit as exit:
+    code = exit.code
+loaded = [name for name in ("tensorflow", "keras", "jax", "torch") if name in sys.modules]
+print("exit", code, "backends", loaded)
+"""
+
+
+@pytest.mark.parametrize("flag", ["--list-recipes", "--help"])
+def test_list_recipes_and_help_import_no_backend(flag):
+    done = subprocess.run([sys.executable, "-c", BACKEND_CHECK.format(argv=[flag])], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "exit 0 backends []", done.stdout[-2000:]
+    if flag == "--help":
+        assert lines[0].startswith("usage: keras-local-train "), lines[0]
+    else:
+        from keras_local.recipes import RECIPES
+
+        assert len(lines) == 1 + len(RECIPES) + 1 and lines[0].startswith("recipe ")
+
+
+def help_text(parser):
+    return " ".join(parser.format_help().split())  # independent of the terminal width
+
+
+def test_help_shows_every_default_as_it_runs_and_what_recipes_change():
+    from keras_local.cli.train import make_parser
+
+    text = help_text(make_parser())
+    assert text.startswith("usage: keras-local-train ")
+    for shown in ("--epochs EPOCHS training epochs (default: 400; recipes set it)",
+                  "--lr LR initial learning rate (default: 0.0005; recipes set it)",
+                  "--batch-size BATCH_SIZE examples per training batch (default: 128)",
+                  "--nonlin {relu,leakyrelu} activation (default: relu; recipes set it)",
+                  "--seed SEED random seed of weights, data order and dropout (default: 1)",
+                  "(default: 200 300 350 375; recipes set it)",
+                  "--lr-decay-fact LR_DECAY_FACT factor of each lr decay (default: 0.25)",
+                  "--beta BETA predsim weight of sim (default: 0.99)",
+                  "--optim {adam,amsgrad,sgd,keras_adam}",
+                  "--dataset NAME one of ",
+                  "--save-dir SAVE_DIR parent of the run directories (default: runs)",
+                  "--cutout cutout augmentation (recipes set it)",
+                  "--recipe none keeps these defaults"):
+        assert shown in text, shown
+    assert "(default: cifar10; recipes set it)" in text
+    assert "(default: vgg8b; recipes set it)" in text
+
+
+def test_help_defaults_are_configs_not_retyped(monkeypatch):
+    """No flag given (and no recipe): exactly Config's defaults; a changed Config default
+    changes the parser and its help."""
+    from keras_local.cli import train
+
+    args = train.parse_args(["--recipe", "none"])
+    assert kl.Config(**train.recipe_config_values(args, ["--recipe", "none"])[0]) == kl.Config()
+    monkeypatch.setitem(train.DEFAULTS, "epochs", 7)
+    assert train.parse_args([]).epochs == 7
+    assert "--epochs EPOCHS training epochs (default: 7; recipes set it)" in \
+        help_text(train.make_parser())
+
+
+@pytest.mark.slow  # a whole demo run with its export, then export / predict / report
+def test_printed_next_commands_are_console_scripts_that_work(tmp_path, fashion_mnist_demo):
+    """The demo command the bare command suggests trains and exports; every command of its
+    end-of-run summary is an installed console script, and each one runs as printed."""
+    from keras_local.cli.train import DEMO_COMMAND
+
+    save_dir = tmp_path / "runs"
+    argv = DEMO_COMMAND.split()
+    done = subprocess.run([console_script(argv[0]), *argv[1:], "--save-dir", str(save_dir)],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = only_run_dir(str(save_dir))
+    assert "python -m" not in done.stdout and "train.py" not in done.stdout
+    lines = done.stdout.splitlines()
+    assert f"  exported model   {run_dir}/export" in lines
+    following = lines[lines.index("next:") + 1:]
+    assert following[1:] == [
+        f"  keras-local-export {run_dir}   # SavedModel + ONNX into saved_models/",
+        f"  keras-local-predict {run_dir}/export/model.onnx IMAGE.png",
+        f"  keras-local-report {run_dir} [OTHER_RUN ...] -o curves.png"]
+    from PIL import Image
+
+    Image.fromarray(fashion_mnist_demo[1][0][0][..., 0]).save(tmp_path / "IMAGE.png")
+    outputs = {}
+    for line in following[1:]:
+        command = line.split("#")[0].replace("[OTHER_RUN ...]", "").split()
+        ran = subprocess.run([console_script(command[0]), *command[1:]], cwd=tmp_path,
+                             env=ENV, capture_output=True, text=True, timeout=600)
+        assert ran.returncode == 0, (line, ran.stderr[-3000:])
+        outputs[command[0]] = ran.stdout
+    name = os.path.basename(run_dir)
+    assert os.path.isfile(tmp_path / "saved_models" / name / "model.onnx")
+    assert outputs["keras-local-predict"].startswith("IMAGE.png: ")
+    assert os.path.isfile(tmp_path / "curves.png")
+    assert outputs["keras-local-report"].splitlines()[-1] == "curves: curves.png"

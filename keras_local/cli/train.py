@@ -1,32 +1,39 @@
-"""Train a network with local error signals: the command line over keras_local.training
-(``train.py`` in the repository, the console script ``keras-local-train``).
+"""Train a network with local error signals: the command line over keras_local.training,
+installed as the console script ``keras-local-train`` (``train.py`` in the repository).
 
-Example:  python train.py --dataset cifar10 --model vgg11b
+Example:  keras-local-train --dataset cifar10 --model vgg11b
+
+Every default shown by ``--help`` is ``Config``'s field default, read from the dataclass.
 """
 
 import argparse
+import dataclasses
 import errno
 import os
 import sys
 
+from keras_local.cli import TRAIN_COMMAND, OneLineParser
+from keras_local.config import (BACKEND_CHOICES, LOSS_UNSUP_CHOICES, NONLIN_CHOICES,
+                                OPTIM_CHOICES, PLACEMENT_CHOICES, PRECISION_CHOICES,
+                                STRATEGY_CHOICES, Config)
 from keras_local.json_files import read_json_file
 
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports bad input in one line (no usage dump), exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+DEFAULTS = {field.name: field.default for field in dataclasses.fields(Config)}
+DEMO_COMMAND = f"{TRAIN_COMMAND} --dataset fashion_mnist_demo --model mlp --epochs 2"
+# One line for a bare command: its defaults (cifar10) would start a download.
+NO_OPTIONS = (f"{TRAIN_COMMAND}: error: no options given; the defaults (--dataset "
+              f"{DEFAULTS['dataset']} --model {DEFAULTS['model']}, {DEFAULTS['epochs']} epochs) "
+              f"download {DEFAULTS['dataset']}: give them explicitly to train them; --help "
+              f"lists every option. Offline demo: {DEMO_COMMAND}")
 
 
 def pre_parse(argv):
     """The options needed before Keras is imported: the backend, --resume, plugins and
     --deterministic (which keeps oneDNN's kernels off, see keras_local.quiet)."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--backend", default="tensorflow")
+    p.add_argument("--backend", default=DEFAULTS["backend"])
     p.add_argument("--resume", default=None)
     p.add_argument("--plugin", action="append", default=[])
     p.add_argument("--deterministic", action="store_true")
@@ -34,136 +41,145 @@ def pre_parse(argv):
     return known
 
 
+def _shown(value):
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+class _Options:
+    """Adds options to a group of the parser. An option named after a Config field takes
+    that field's default, and its help ends with the default as it will run and, for the
+    fields a recipe sets, that a recipe may replace it."""
+
+    def __init__(self, group, recipe_fields):
+        self.group, self.recipe_fields = group, recipe_fields
+
+    def __call__(self, flag, help, field=None, **kwargs):
+        field = field or flag[2:].replace("-", "_")
+        recipe = "recipes set it" if field in self.recipe_fields else ""
+        if kwargs.get("action") == "store_true":  # off unless given
+            help += f" ({recipe})" if recipe else ""
+        elif field in DEFAULTS:
+            default = DEFAULTS[field]
+            kwargs["default"] = list(default) if isinstance(default, tuple) else default
+            if default not in (None, ()):  # the help says what "not given" means
+                help += f" (default: {_shown(default)}" + (f"; {recipe})" if recipe else ")")
+        self.group.add_argument(flag, help=help.replace("%", "%%"), **kwargs)
+
+
 def make_parser():
     """The command line; the names offered come from the registries (models, datasets, local
-    losses), including what plugins registered. Starts no Keras backend."""
+    losses), including what plugins registered, and the defaults from Config. Starts no
+    Keras backend."""
     from keras_local.data.catalogue import list_datasets
     from keras_local.local_losses import list_local_losses
     from keras_local.models.registry import list_models
+    from keras_local.recipes import RECIPES
 
     datasets, models, losses = list_datasets(), list_models(), list_local_losses()
+    recipe_fields = {field for recipe in RECIPES.values() for field in recipe.options}
     p = OneLineParser(
-        prog="train.py",
+        prog=TRAIN_COMMAND,
         description="Train deep networks with local error signals (Nøkland & Eidnes 2019): "
-                    "every hidden layer learns from its own pred/sim loss, no global backprop.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data = p.add_argument_group("data")
-    data.add_argument("--dataset", default="cifar10", choices=datasets, metavar="NAME",
-                      help=f"one of {', '.join(datasets)}")
-    data.add_argument("--data-dir", default=None,
-                      help="offline distribution files (MNIST-family IDX .gz, CIFAR python "
-                           "batches), a tensorflow-datasets data dir, or for --dataset "
-                           "folder/imagenet DIR/train/<class>/*.jpg|png and DIR/val/ (or test/)")
-    data.add_argument("--image-size", type=int, default=None,
-                      help="image folders: side of the square inputs (default 32 for folder, "
-                           "224 for imagenet; above 64: random resized crop / resize + centre "
-                           "crop)")
-    data.add_argument("--data-mean", type=float, nargs="+", default=(), metavar="M",
-                      help="image folders: per-channel mean in [0, 1] (default: computed "
-                           "from the training images)")
-    data.add_argument("--data-std", type=float, nargs="+", default=(), metavar="S",
-                      help="image folders: per-channel std (default: computed)")
-    data.add_argument("--max-train-examples", type=int, default=None,
-                      help="use only the first N training images (quick runs)")
-    data.add_argument("--cutout", action="store_true", help="cutout augmentation")
-    data.add_argument("--length", type=int, default=16, help="cutout square side")
-    data.add_argument("--classes-per-batch", type=int, default=0,
-                      help="batches with only N distinct classes (0 = ordinary shuffling)")
-    data.add_argument("--classes-per-batch-until-epoch", type=int, default=0,
-                      help="limit the classes per batch until this epoch (0: until the end)")
-    model = p.add_argument_group("model")
-    model.add_argument("--model", default="vgg8b", choices=models, metavar="NAME",
-                       help=f"one of {', '.join(models)}")
-    model.add_argument("--num-layers", type=int, default=1,
-                       help="fully connected local blocks (after the convs for vgg*)")
-    model.add_argument("--num-hidden", type=int, default=1024, help="units per FC block")
-    model.add_argument("--feat-mult", type=float, default=1.0, help="VGG / ResNet channel multiplier")
-    model.add_argument("--pre-act", action="store_true",
-                       help="ResNets: pre-activation basic blocks (BN -> act -> conv)")
-    model.add_argument("--no-batch-norm", action="store_true", help="no BatchNorm")
-    model.add_argument("--nonlin", default="relu", choices=("relu", "leakyrelu"))
-    model.add_argument("--dropout", type=float, default=0.0,
-                       help="dropout after each block (spatial for conv blocks)")
-    model.add_argument("--dim-in-decoder", type=int, default=4096,
-                       help="max input size of the pred head after average pooling")
-    local = p.add_argument_group("local learning")
-    local.add_argument("--loss-sup", default="predsim", choices=losses, metavar="NAME",
-                       help=f"local loss, one of {', '.join(losses)}")
-    local.add_argument("--modules", type=int, default=None, metavar="K",
-                       help="group the local layers into K modules of consecutive layers, "
-                            "heads on each module's last layer (default: every layer its own "
-                            "module; 1 = end-to-end with one auxiliary head)")
-    local.add_argument("--beta", type=float, default=0.99, help="predsim weight of sim")
-    local.add_argument("--backprop", action="store_true",
-                       help="baseline: global backprop, no local heads")
-    local.add_argument("--no-detach", action="store_true",
-                       help="local losses, but gradients also cross blocks")
-    local.add_argument("--bio", action="store_true",
-                       help="back-prop free: feedback alignment, no sim conv, random label "
-                            "projection")
-    local.add_argument("--target-proj-size", type=int, default=128,
-                       help="size of the random label projection (--bio)")
-    local.add_argument("--loss-unsup", default="none", choices=("none", "sim", "recon"),
-                       help="unsupervised local term: sim = MSE(S(h), S(block input)), "
-                            "recon = reconstruction of the block input")
-    local.add_argument("--alpha", type=float, default=0.0,
-                       help="block loss = alpha * unsupervised + (1 - alpha) * supervised")
-    local.add_argument("--no-similarity-std", action="store_true",
-                       help="similarity of feature maps on the flattened maps, not on the "
-                            "per-channel spatial std")
-    optim = p.add_argument_group("optimisation")
-    optim.add_argument("--batch-size", type=int, default=128)
-    optim.add_argument("--epochs", type=int, default=400)
-    optim.add_argument("--lr", type=float, default=5e-4)
-    optim.add_argument("--lr-decay-milestones", type=int, nargs="+",
-                       default=[200, 300, 350, 375], help="epochs at which lr is decayed")
-    optim.add_argument("--lr-decay-fact", type=float, default=0.25)
-    optim.add_argument("--optim", default="adam", choices=("adam", "amsgrad", "sgd", "keras_adam"),
-                       help="PyTorch's Adam / AMSGrad / SGD (as the reference); keras_adam: "
-                            "Keras's Adam (epsilon before bias correction)")
-    optim.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
-    optim.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
-    run = p.add_argument_group("run")
-    run.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                     help="import MODULE (dotted name or .py file) first: the local losses, "
-                          "models and datasets it registers become choices (repeatable)")
-    run.add_argument("--seed", type=int, default=1)
-    run.add_argument("--save-dir", default="runs", help="parent of the run directories")
-    run.add_argument("--resume", default=None, metavar="RUN_DIR",
-                     help="continue a run from its last completed epoch")
-    run.add_argument("--backend", default="tensorflow", choices=("tensorflow", "jax", "torch"),
-                     help="Keras backend")
-    run.add_argument("--no-jit", action="store_true", help="do not compile with XLA")
-    run.add_argument("--precision", default="float32",
-                     choices=("float32", "mixed_float16", "mixed_bfloat16"))
-    run.add_argument("--strategy", default="auto",
-                     choices=("auto", "one", "mirrored", "multiworker"),
-                     help="tf.distribute strategy (auto: mirrored on >1 GPU, multiworker "
-                          "when TF_CONFIG names several workers)")
-    run.add_argument("--placement", default="none", choices=("none", "layerwise"),
-                     help="layerwise: block i on device i mod N")
-    run.add_argument("--pipeline", action="store_true",
-                     help="decoupled pipelined training (needs --placement layerwise)")
-    run.add_argument("--steps-per-execution", type=int, default=0, metavar="N",
-                     help="training steps per call of the compiled train function "
-                          "(0 = auto: 16 when pipelined, else 1)")
-    run.add_argument("--no-export", action="store_true",
-                     help="skip the SavedModel/ONNX export at the end")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
-    run.add_argument("--deterministic", action="store_true",
-                     help="deterministic TensorFlow kernels (enable_op_determinism): "
-                          "bit-identical reruns and resumes, somewhat slower")
-    run.add_argument("--similarity-examples", type=int, default=64, metavar="N",
-                     help="test images whose similarity matrix TensorBoard shows for every "
-                          "block after each epoch (0 = none)")
-    recipes = p.add_argument_group("the paper's recipes")
-    recipes.add_argument("--recipe", default=None, metavar="NAME",
-                         help="fill every option from one row of the paper's tables "
-                              "(--list-recipes); explicit flags override it. Default: the "
-                              "row matching --dataset, --model, --feat-mult, --cutout and the "
-                              "method, if any; 'none' for the plain defaults")
-    recipes.add_argument("--list-recipes", action="store_true",
-                         help="print the recipes with their published test error and exit")
+                    "every hidden layer learns from its own pred/sim loss, no global "
+                    "backprop. Defaults are shown as they run without a recipe. When "
+                    "--dataset, --model, --feat-mult, --cutout and the method match a row "
+                    "of the paper's tables (--list-recipes), that recipe replaces the "
+                    "defaults marked 'recipes set it' except where you give the flag, and "
+                    "the run says so when it starts; --recipe none keeps these defaults.")
+    data = _Options(p.add_argument_group("data"), recipe_fields)
+    data("--dataset", f"one of {', '.join(datasets)}", choices=datasets, metavar="NAME")
+    data("--data-dir", "offline distribution files (MNIST-family IDX .gz, CIFAR python "
+                       "batches), a tensorflow-datasets data dir, or for --dataset "
+                       "folder/imagenet DIR/train/<class>/*.jpg|png and DIR/val/ (or test/)")
+    data("--image-size", "image folders: side of the square inputs (default 32 for folder, "
+                         "224 for imagenet; above 64: random resized crop / resize + centre "
+                         "crop)", type=int)
+    data("--data-mean", "image folders: per-channel mean in [0, 1] (default: computed from "
+                        "the training images)", type=float, nargs="+", metavar="M")
+    data("--data-std", "image folders: per-channel std (default: computed)", type=float,
+         nargs="+", metavar="S")
+    data("--max-train-examples", "use only the first N training images (quick runs; "
+                                 "default: all)", type=int)
+    data("--cutout", "cutout augmentation", action="store_true")
+    data("--length", "cutout square side", type=int)
+    data("--classes-per-batch", "batches with only N distinct classes (0 = ordinary "
+                                "shuffling)", type=int)
+    data("--classes-per-batch-until-epoch", "limit the classes per batch until this epoch "
+                                            "(0: until the end)", type=int)
+    model = _Options(p.add_argument_group("model"), recipe_fields)
+    model("--model", f"one of {', '.join(models)}", choices=models, metavar="NAME")
+    model("--num-layers", "fully connected local blocks (after the convs for vgg*)", type=int)
+    model("--num-hidden", "units per FC block", type=int)
+    model("--feat-mult", "VGG / ResNet channel multiplier", type=float)
+    model("--pre-act", "ResNets: pre-activation basic blocks (BN -> act -> conv)",
+          action="store_true")
+    model("--no-batch-norm", "no BatchNorm", field="batch_norm", action="store_true")
+    model("--nonlin", "activation", choices=NONLIN_CHOICES)
+    model("--dropout", "dropout after each block (spatial for conv blocks)", type=float)
+    model("--dim-in-decoder", "max input size of the pred head after average pooling",
+          type=int)
+    local = _Options(p.add_argument_group("local learning"), recipe_fields)
+    local("--loss-sup", f"local loss, one of {', '.join(losses)}", choices=losses,
+          metavar="NAME")
+    local("--modules", "group the local layers into K modules of consecutive layers, heads "
+                       "on each module's last layer (default: every layer its own module; "
+                       "1 = end-to-end with one auxiliary head)", type=int, metavar="K")
+    local("--beta", "predsim weight of sim", type=float)
+    local("--backprop", "baseline: global backprop, no local heads", action="store_true")
+    local("--no-detach", "local losses, but gradients also cross blocks", action="store_true")
+    local("--bio", "back-prop free: feedback alignment, no sim conv, random label projection",
+          action="store_true")
+    local("--target-proj-size", "size of the random label projection (--bio)", type=int)
+    local("--loss-unsup", "unsupervised local term: sim = MSE(S(h), S(block input)), recon = "
+                          "reconstruction of the block input", choices=LOSS_UNSUP_CHOICES)
+    local("--alpha", "block loss = alpha * unsupervised + (1 - alpha) * supervised",
+          type=float)
+    local("--no-similarity-std", "similarity of feature maps on the flattened maps, not on "
+                                 "the per-channel spatial std", field="similarity_std",
+          action="store_true")
+    optim = _Options(p.add_argument_group("optimisation"), recipe_fields)
+    optim("--batch-size", "examples per training batch", type=int)
+    optim("--epochs", "training epochs", type=int)
+    optim("--lr", "initial learning rate", type=float)
+    optim("--lr-decay-milestones", "epochs at which lr is decayed", type=int, nargs="+")
+    optim("--lr-decay-fact", "factor of each lr decay", type=float)
+    optim("--optim", "PyTorch's Adam / AMSGrad / SGD (as the reference); keras_adam: Keras's "
+                     "Adam (epsilon before bias correction)", choices=OPTIM_CHOICES)
+    optim("--momentum", "SGD momentum", type=float)
+    optim("--weight-decay", "L2 weight decay", type=float)
+    run = _Options(p.add_argument_group("run"), recipe_fields)
+    run("--plugin", "import MODULE (dotted name or .py file) first: the local losses, models "
+                    "and datasets it registers become choices (repeatable)", field="plugins",
+        action="append", metavar="MODULE")
+    run("--seed", "random seed of weights, data order and dropout", type=int)
+    run("--save-dir", "parent of the run directories")
+    run("--resume", "continue a run from its last completed epoch", metavar="RUN_DIR")
+    run("--backend", "Keras backend", choices=BACKEND_CHOICES)
+    run("--no-jit", "do not compile with XLA", field="jit_compile", action="store_true")
+    run("--precision", "float32 or a mixed-precision policy", choices=PRECISION_CHOICES)
+    run("--strategy", "tf.distribute strategy (auto: mirrored on >1 GPU, multiworker when "
+                      "TF_CONFIG names several workers)", choices=STRATEGY_CHOICES)
+    run("--placement", "layerwise: block i on device i mod N", choices=PLACEMENT_CHOICES)
+    run("--pipeline", "decoupled pipelined training (needs --placement layerwise)",
+        action="store_true")
+    run("--steps-per-execution", "training steps per call of the compiled train function "
+                                 "(0 = auto: 16 when pipelined, else 1)", type=int,
+        metavar="N")
+    run("--no-export", "skip the SavedModel/ONNX export at the end", action="store_true")
+    run("--quiet", "no progress bar", action="store_true")
+    run("--deterministic", "deterministic TensorFlow kernels (enable_op_determinism): "
+                           "bit-identical reruns and resumes, somewhat slower",
+        action="store_true")
+    run("--similarity-examples", "test images whose similarity matrix TensorBoard shows for "
+                                 "every block after each epoch (0 = none)", type=int,
+        metavar="N")
+    recipes = _Options(p.add_argument_group("the paper's recipes"), recipe_fields)
+    recipes("--recipe", "fill every option from one row of the paper's tables "
+                        "(--list-recipes); explicit flags override it. Default: the row "
+                        "matching --dataset, --model, --feat-mult, --cutout and the method, "
+                        "if any; 'none' for the plain defaults", metavar="NAME")
+    recipes("--list-recipes", "print the recipes with their published test error and exit",
+            action="store_true")
     return p
 
 
@@ -223,6 +239,9 @@ def resumed_options(run_dir):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print(NO_OPTIONS, file=sys.stderr)
+        return 2
     early = pre_parse(argv)
     resumed = resumed_options(early.resume)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -239,18 +258,17 @@ def main(argv=None):
     try:
         load_plugins(plugins)
     except PluginError as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
+        print(f"{TRAIN_COMMAND}: error: {error}", file=sys.stderr)
         return 2
-    args = parse_args(argv)  # --help and bad flags end here, before TensorFlow starts
-    quiet_start(import_tensorflow=True)  # no C++ start-up noise; tf.data on every backend
+    args = parse_args(argv)  # --help and bad flags end here, before any backend starts
     if args.list_recipes:
         from keras_local.recipes import format_recipes
 
         print(format_recipes())
         return 0
+    quiet_start(import_tensorflow=True)  # no C++ start-up noise; tf.data on every backend
     from keras_local.callbacks import NonFiniteLossError
     from keras_local.cli_errors import USER_ERRORS
-    from keras_local.config import Config
     from keras_local.json_files import WriteError
     from keras_local.resume import ResumeError
     from keras_local.training import RunFinished, RunInUseError, prepare, train_prepared
@@ -261,30 +279,30 @@ def main(argv=None):
             print(note)
         prepared = prepare(Config(**values))
     except RunFinished as finished:
-        print(f"train.py: {finished}")
+        print(f"{TRAIN_COMMAND}: {finished}")
         return 0
     except (*USER_ERRORS, WriteError) as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
+        print(f"{TRAIN_COMMAND}: error: {error}", file=sys.stderr)
         return 2
     try:
         train_prepared(prepared, verbose=0 if args.quiet else 1, export=not args.no_export)
     except NonFiniteLossError as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
+        print(f"{TRAIN_COMMAND}: error: {error}", file=sys.stderr)
         return 1
     except RunFinished as finished:  # by another process while this one prepared
-        print(f"train.py: {finished}")
+        print(f"{TRAIN_COMMAND}: {finished}")
         return 0
     except (ResumeError, RunInUseError) as error:  # refused before writing anything
-        print(f"train.py: error: {error}", file=sys.stderr)
+        print(f"{TRAIN_COMMAND}: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # disk full or read-only while saving: the last epoch is kept
         if not isinstance(error, WriteError) and error.errno not in DISK_ERRORS:
             raise
-        print(f"train.py: error: {error}; the files of the last completed epoch are "
+        print(f"{TRAIN_COMMAND}: error: {error}; the files of the last completed epoch are "
               f"intact (continue with --resume RUN_DIR once there is room)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("train.py: interrupted; continue with --resume RUN_DIR", file=sys.stderr)
+        print(f"{TRAIN_COMMAND}: interrupted; continue with --resume RUN_DIR", file=sys.stderr)
         return 130
     return 0
 
