@@ -1,9 +1,11 @@
 """Keras callbacks of a training run: LR milestones, NaN guard, atomic checkpoints,
-epoch times, a progress bar that keeps per-block metrics out of the way, and TensorBoard pictures of
-the blocks' similarity matrices and the run's HParams."""
+epoch times, a progress bar that keeps per-block metrics out of the way, TensorBoard scalars
+grouped per block, and TensorBoard pictures of the blocks' similarity matrices and the run's
+HParams."""
 
 import math
 import os
+import re
 import time
 
 import keras
@@ -89,11 +91,12 @@ def save_model_atomically(model, path, epochs_completed=None):
 
 
 class EpochTimes(keras.callbacks.Callback):
-    """Adds ``epoch_seconds`` to every epoch's logs (history.csv, TensorBoard): the wall
-    time of one whole epoch, its data pipeline, steps and validation included. It is
-    measured from the same point of the previous epoch's end, so it also holds the work
-    other callbacks do between epochs (checkpoint, backup, logs); the first epoch of a
-    ``fit`` is measured from its start. Must come before the callbacks that write the logs."""
+    """Adds ``epoch_seconds`` to every epoch's logs (history.csv; TensorBoard tag
+    ``EPOCH_TIME_TAG``): the wall time of one whole epoch, its data pipeline, steps and
+    validation included. It is measured from the same point of the previous epoch's end,
+    so it also holds the work other callbacks do between epochs (checkpoint, backup, logs);
+    the first epoch of a ``fit`` is measured from its start. Must come before the callbacks
+    that write the logs."""
 
     def on_train_begin(self, logs=None):
         self.mark = None
@@ -184,6 +187,46 @@ def block_summary(logs):
     return lines
 
 
+EPOCH_TIME_TAG = "time/epoch_seconds"
+
+
+def tensorboard_tag(keras_tag):
+    """The tag under which a scalar that Keras's TensorBoard callback names ``keras_tag``
+    is written. TensorBoard makes one section of every prefix before a ``/``, so a block's
+    epoch metrics go under ``block_k/`` (``epoch_block_2_sim_loss`` -> ``block_2/sim_loss``),
+    the epoch time under ``EPOCH_TIME_TAG``; every other tag keeps Keras's name
+    (``epoch_loss``, ``epoch_learning_rate``)."""
+    if keras_tag == "epoch_epoch_seconds":
+        return EPOCH_TIME_TAG
+    block = re.fullmatch(r"epoch_(block_\d+)_(.+)", keras_tag)
+    return f"{block[1]}/{block[2]}" if block else keras_tag
+
+
+class _RenamedScalars:
+    """``tf.summary`` whose ``scalar`` writes under ``tensorboard_tag(name)``."""
+
+    def __init__(self, summary):
+        self._summary = summary
+
+    def __getattr__(self, name):
+        return getattr(self._summary, name)
+
+    def scalar(self, name, *args, **kwargs):
+        return self._summary.scalar(tensorboard_tag(name), *args, **kwargs)
+
+
+class GroupedTensorBoard(keras.callbacks.TensorBoard):
+    """Keras's TensorBoard callback (``train/`` and ``validation/`` runs under ``log_dir``)
+    with the scalar tags of ``tensorboard_tag``: one section per block. Only the tags
+    change; the logs (history.csv, results.json, resume) keep Keras's metric names."""
+
+    @property
+    def summary(self):
+        # Keras writes every scalar through this module, so renaming here changes the
+        # tags without re-implementing the callback.
+        return _RenamedScalars(super().summary)
+
+
 def class_sorted_sample(labels, size):
     """Indices of ``size`` examples, classes as balanced as ``labels`` allows, sorted by
     class (stable): the first example of every class, then the second, and so on."""
@@ -262,21 +305,43 @@ class SimilarityImages(keras.callbacks.Callback):
             self.writer.close()
 
 
+# The options that define an experiment, as HParams columns (with ``training_mode``, which
+# stands for backprop and no_detach): no paths, class names or data statistics, and none of
+# the execution choices that leave the method unchanged (backend, devices, XLA, logging).
+HPARAM_FIELDS = (
+    "dataset", "max_train_examples", "image_size", "cutout", "length", "classes_per_batch",
+    "classes_per_batch_until_epoch",
+    "model", "num_layers", "num_hidden", "feat_mult", "batch_norm", "nonlin", "dropout",
+    "dim_in_decoder", "pre_act",
+    "loss_sup", "beta", "bio", "target_proj_size", "modules", "alpha", "loss_unsup",
+    "similarity_std",
+    "batch_size", "epochs", "lr", "lr_decay_milestones", "lr_decay_fact", "optim", "momentum",
+    "weight_decay", "seed", "precision", "pipeline", "recipe",
+)
+
+
 def hparam_values(config):
-    """The run's options as TensorBoard HParams values (bool, int, float or str);
-    options that are None are left out, sequences become text."""
+    """The run's ``HPARAM_FIELDS`` and ``training_mode`` as TensorBoard HParams values
+    (bool, int, float or str; sequences become text). Left out: options that are None, and
+    options that act only through another one that is off (``length`` without cutout,
+    ``momentum`` without sgd, ...), so that a column means something wherever it is set."""
+    idle = {"length": not config.cutout,
+            "classes_per_batch_until_epoch": not config.classes_per_batch,
+            "target_proj_size": not config.bio,
+            "momentum": config.optim != "sgd"}
     values = {"training_mode": config.training_mode}
-    for key, value in config.to_dict().items():
-        if value is None:
+    for name in HPARAM_FIELDS:
+        value = getattr(config, name)
+        if value is None or idle.get(name):
             continue
-        values[key] = value if isinstance(value, (bool, int, float, str)) else \
+        values[name] = value if isinstance(value, (bool, int, float, str)) else \
             " ".join(map(str, value))
     return values
 
 
 class HParamsSummary(keras.callbacks.Callback):
-    """Writes the run's configuration to TensorBoard's HParams dashboard (TensorFlow
-    installed), so that runs can be compared and filtered by their options."""
+    """Writes the options that define the run (``hparam_values``) to TensorBoard's HParams
+    dashboard (TensorFlow installed), so that runs can be compared and filtered by them."""
 
     def __init__(self, log_dir, config, trial_id):
         super().__init__()
