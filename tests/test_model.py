@@ -189,7 +189,8 @@ def test_config_rejects_bad_values(bad, message):
 # MLP), test_train_cli (train.py end to end) and test_distribute (pipelined MLP).
 @pytest.mark.slow
 def test_fashion_mnist_predsim_mlp_learns(fashion_mnist_small):
-    """REFERENCE settings, 2 epochs on the 8,000 demo images: under 20% test error."""
+    """The paper's mlp recipe options (docs/method.md section 10), 2 epochs on the 8,000
+    demo images: under 20% test error."""
     (x_train, y_train), (x_test, y_test) = fashion_mnist_small
     errors = {}
     for backprop in (False, True):
