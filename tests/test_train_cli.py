@@ -61,7 +61,7 @@ def test_cli_trains_fashion_mnist_end_to_end(tmp_path, fashion_mnist_idx_dir):
     scalars = tensorboard_scalars(os.path.join(run_dir, "logs"))
     for block in (1, 2, 3):
         for metric in ("pred_loss", "sim_loss", "error"):
-            assert len(scalars[f"train/epoch_block_{block}_{metric}"]) == 1
+            assert len(scalars[f"train/block_{block}/{metric}"]) == 1
     assert scalars["validation/epoch_error"][0] < 30.0
     assert scalars["train/epoch_learning_rate"] == [pytest.approx(5e-4)]
     rows = list(csv.DictReader(open(os.path.join(run_dir, "history.csv"))))
