@@ -271,7 +271,7 @@ def test_bare_command_says_in_one_line_what_to_type(tmp_path):
                                   "(--dataset cifar10 --model vgg8b, 400 epochs) download "
                                   "cifar10"), done.stderr
     assert done.stderr.endswith(" Offline demo: keras-local-train --dataset "
-                                "fashion_mnist_demo --model mlp --epochs 2\n"), done.stderr
+                                "fashion_mnist_demo --model mlp --epochs 3\n"), done.stderr
     assert list(tmp_path.iterdir()) == []  # no runs/ folder, nothing downloaded
 
 

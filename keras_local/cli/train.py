@@ -21,7 +21,7 @@ from keras_local.json_files import read_json_file
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(Config)}
-DEMO_COMMAND = f"{TRAIN_COMMAND} --dataset fashion_mnist_demo --model mlp --epochs 2"
+DEMO_COMMAND = f"{TRAIN_COMMAND} --dataset fashion_mnist_demo --model mlp --epochs 3"
 # One line for a bare command: its defaults (cifar10) would start a download.
 NO_OPTIONS = (f"{TRAIN_COMMAND}: error: no options given; the defaults (--dataset "
               f"{DEFAULTS['dataset']} --model {DEFAULTS['model']}, {DEFAULTS['epochs']} epochs) "
