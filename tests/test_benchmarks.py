@@ -110,19 +110,33 @@ def test_memory_plot(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow  # two short trainings in a subprocess, about 15 s idle
-def test_accuracy_quick(tmp_path):
-    prefix = tmp_path / "curves"
-    stdout = run_script("accuracy.py", "--quick", "--no-jit", "--out", str(prefix))
-    assert "mode       epochs  final test error %" in stdout
-    with open(f"{prefix}.csv") as stream:
-        rows = list(csv.DictReader(stream))
-    assert [(r["mode"], r["epoch"]) for r in rows] == [("predsim", "1"), ("backprop", "1")]
-    assert {"train_error", "test_error", "train_loss", "test_loss", "lr"} <= set(rows[0])
-    assert 0 <= float(rows[0]["test_error"]) <= 100
-    summary = json.loads(open(f"{prefix}.json").read())
-    assert set(summary["modes"]) == {"predsim", "backprop"}
-    assert open(f"{prefix}.png", "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"
+@pytest.mark.slow  # a short training in a subprocess, then a second call that only reads it
+def test_accuracy_recipe_trains_once_then_reads_the_run(tmp_path):
+    # The demo data and one epoch stand in for the recipe's 200 epochs of Fashion-MNIST.
+    args = ("--recipe", "fashion_mnist-mlp-predsim", "--seed", "3", "--save-dir",
+            str(tmp_path / "runs"), "--out", str(tmp_path / "curves"),
+            "--dataset", "fashion_mnist_demo", "--epochs", "1", "--max-train-examples", "256")
+    stdout = run_script("accuracy.py", *args)
+    assert "seed 3: keras-local-train --recipe fashion_mnist-mlp-predsim --seed 3" in stdout
+    summary = json.loads((tmp_path / "curves.json").read_text())
+    (row,) = summary["runs"]
+    assert row["recipe"] == "fashion_mnist-mlp-predsim with changes: dataset, epochs"
+    assert row["seed"] == 3 and row["epochs_done"] == 1 and row["finished"]
+    assert 0 <= row["best_test_error"] <= row["final_test_error"] <= 100
+    assert row["published_test_error"] is None  # the changed recipe is not the paper's run
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = run_script("accuracy.py", *args)
+    assert f"finished in {row['run']}" in again
+    assert len(os.listdir(tmp_path / "runs")) == 1
+
+
+def test_accuracy_refuses_an_unknown_recipe():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "accuracy.py"),
+                           "--recipe", "fashion_mnist-mlp-nope"], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert done.returncode == 2
+    assert "unknown recipe 'fashion_mnist-mlp-nope'" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.slow  # builds, exports and times models in a subprocess, about 20 s idle
