@@ -21,7 +21,7 @@ def train_module():
     return train
 
 
-# REFERENCE.md section 5, row by row: (recipe, epochs, first milestone, lr, dropout,
+# docs/method.md section 10, row by row: (recipe, epochs, first milestone, lr, dropout,
 # dim_in_decoder or None for the default 4096, feat_mult).
 SECTION_5 = [
     ("mnist-mlp-predsim", 100, 50, 5e-4, 0.1, None, 1.0),

@@ -1,4 +1,4 @@
-"""Reliability promises (README "Reliability"): nothing lost, nothing blown up.
+"""Reliability promises (docs/reliability.md): nothing lost, nothing blown up.
 
 One test per break of issue 15: outputs never replace their inputs, readers bound what
 a file may make them allocate before allocating, exported files are verified before use,

@@ -1,4 +1,4 @@
-"""Nothing a user owns is deleted or truncated (README "Reliability"): a resume that cannot
+"""Nothing a user owns is deleted or truncated (docs/reliability.md): a resume that cannot
 restore stops before writing, a run directory is held by one process, an export replaces only
 an export, and a full disk or an unwritable place is one line with the last checkpoint kept."""
 
