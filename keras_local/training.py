@@ -461,7 +461,8 @@ def first_step_notice(model):
            + ("XLA compiles it" if model.jit_compile
               else "XLA compiles its optimiser update" if model.xla_update
               else "runs it"))
-    return (f"building the training step of {model.architecture} ({blocks} local blocks): "
+    count = f"{blocks} local block" + ("s" if blocks != 1 else "")
+    return (f"building the training step of {model.architecture} ({count}): "
             f"{how};\nthe first step takes longer than the others (seconds for an mlp, "
             f"up to a minute or two for a deep conv net on a CPU)")
 

@@ -228,7 +228,7 @@ def test_says_what_the_first_step_does_before_it_starts(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     notice = [i for i, line in enumerate(lines)
-              if line.startswith("building the training step of mlp (1 local blocks): ")]
+              if line.startswith("building the training step of mlp (1 local block): ")]
     assert len(notice) == 1 and "XLA compiles it" in lines[notice[0]], result.stdout
     assert lines[notice[0] - 1].startswith("mlp on fashion_mnist_demo: 256 training")
     assert lines[notice[0] + 1].startswith("the first step takes longer than the others")
