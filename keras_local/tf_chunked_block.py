@@ -218,11 +218,14 @@ def block_forward(block, inputs):
 
 
 def conv(x, kernel):
-    """``tf.nn.conv2d(x, kernel, 1, "SAME")``, by Winograd where ``tf_winograd.pays``."""
+    """``tf.nn.conv2d(x, kernel, 1, "SAME")`` by oneDNN, also where Winograd would pay: the
+    rounding of Winograd's input and output transforms in the forward and input-gradient
+    convolutions put 1.85% of vgg8b's weights more than 1% of the learning rate away from
+    a float64 run after 5 steps (the authors' float32 script: 1.77%; with these two on
+    oneDNN: 1.40%), and on an AVX2 CPU they were no faster (docs/benchmarks.md section 11).
+    Filter gradients keep Winograd (``conv_filter_gradient``)."""
     import tensorflow as tf
 
-    if tf_winograd.pays(x.shape, kernel.shape):
-        return tf_winograd.conv(x, kernel)
     output = tf.nn.conv2d(x, kernel, 1, "SAME")
     # oneDNN's AVX-512 kernels give an empty batch (a chunk past a small batch's end) the
     # input's channel count: (0, 8, 8, 12) from a 12 -> 3 kernel. The slice puts the right
