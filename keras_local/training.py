@@ -43,6 +43,7 @@ from keras_local.callbacks import (
     milestone_scheduler,
     save_model_atomically,
 )
+from keras_local.cli import EXPORT_COMMAND
 from keras_local.config import Config
 from keras_local.data import (
     load_arrays,
@@ -436,7 +437,7 @@ def _train_in(prepared, run_dir, chief, started, verbose, export):
     if export and keras.backend.backend() != "tensorflow":
         export = False
         print(f"export skipped: it needs the tensorflow backend; run "
-              f"`keras-local-export {run_dir}` where TensorFlow is installed")
+              f"`{EXPORT_COMMAND} {run_dir}` where TensorFlow is installed")
     if export:
         result.export_dir = os.path.join(run_dir, "export")
     # results.json marks the training as finished; the export can be redone with
