@@ -58,7 +58,7 @@ def parse_args(argv):
 def find_run(save_dir, recipe, seed):
     """The run directory of ``recipe`` (unchanged or "with changes") and ``seed`` in
     ``save_dir``, or None."""
-    from keras_local.json_files import JSONFileError, read_json_file
+    from keras_local.run.json_files import JSONFileError, read_json_file
 
     if not os.path.isdir(save_dir):
         return None

@@ -97,7 +97,7 @@ def keras_local_epochs(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from keras_local.quiet import quiet_start
+    from keras_local.run.quiet import quiet_start
 
     quiet_start()  # hardware() lists GPUs through TensorFlow; without its start-up noise
     load_before = os.getloadavg()
@@ -126,7 +126,7 @@ def main(argv=None):
     print(f"{RECIPE}, medians of {args.rounds} alternating rounds; ratio = reference "
           f"seconds / keras-local seconds")
     print(f"CPU: {machine['cpu']} ({machine['cpu_cores']} cores); TensorFlow oneDNN kernels "
-          f"in train.py: on unless TF_ENABLE_ONEDNN_OPTS=0 (keras_local.quiet)")
+          f"in train.py: on unless TF_ENABLE_ONEDNN_OPTS=0 (keras_local.run.quiet)")
     print("load average (1, 5, 15 min) before / after: "
           + " / ".join(" ".join(f"{v:.2f}" for v in x) for x in (load_before, load_after)))
     payload = {"hardware": machine, "recipe": RECIPE, "rounds": args.rounds,

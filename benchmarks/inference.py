@@ -67,7 +67,7 @@ def build_network(name, args):
     from keras_local.config import Config
     from keras_local.data.catalogue import get_dataset_info
     from keras_local.exporting import deployable_model
-    from keras_local.training import build_model
+    from keras_local.run.training import build_model
 
     architecture, dataset, options = MODELS[name]
     options = dict(options)
@@ -142,7 +142,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ["KERAS_BACKEND"] = "tensorflow"  # export is TensorFlow-based
-    from keras_local.quiet import quiet_start
+    from keras_local.run.quiet import quiet_start
 
     quiet_start()  # imports TensorFlow without its C++ start-up noise
     load_before = os.getloadavg()

@@ -101,7 +101,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     os.environ["KERAS_BACKEND"] = "jax"
-    from keras_local.quiet import quiet_start
+    from keras_local.run.quiet import quiet_start
 
     quiet_start()  # imports TensorFlow without its C++ start-up noise
     main()

@@ -136,7 +136,7 @@ def child(model_name, mode, args):
     import tensorflow as tf
 
     from keras_local.config import Config
-    from keras_local.training import build_model
+    from keras_local.run.training import build_model
 
     config = Config(model=model_name, batch_size=args.batch_size,
                     jit_compile=args.xla != "none", backprop=mode == "backprop",
@@ -253,7 +253,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.child:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        from keras_local.quiet import quiet_start
+        from keras_local.run.quiet import quiet_start
 
         quiet_start()  # imports TensorFlow without its C++ start-up noise
         child(*args.child, args)

@@ -5,7 +5,7 @@ import json
 import os
 import platform
 
-from keras_local.json_files import write_json_atomically
+from keras_local.run.json_files import write_json_atomically
 
 
 def tagged_json(done, tag, what, require_exit_zero=False):

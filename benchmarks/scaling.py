@@ -62,7 +62,7 @@ def measure(devices, mode, intra, xla, steps, warmup, repeats, steps_per_executi
     """Images/s of one configuration (runs in a fresh process)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    from keras_local.quiet import quiet_start
+    from keras_local.run.quiet import quiet_start
 
     quiet_start()  # imports TensorFlow without its C++ start-up noise
     import tensorflow as tf
@@ -79,7 +79,7 @@ def measure(devices, mode, intra, xla, steps, warmup, repeats, steps_per_executi
     import numpy as np
 
     import keras_local as kl
-    from keras_local.distribute import make_strategy
+    from keras_local.run.distribute import make_strategy
 
     config = kl.Config(
         model="mlp", num_layers=4, num_hidden=1024, dropout=0.0, optim="adam", lr=5e-4,

@@ -82,7 +82,7 @@ def child(args):
     import numpy as np
 
     from keras_local.config import Config
-    from keras_local.training import build_model
+    from keras_local.run.training import build_model
 
     times["keras_local"] = since()
     architecture, input_shape, recipe = MODELS[args.child]

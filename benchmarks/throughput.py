@@ -340,7 +340,7 @@ def build(name, mode, xla, args, **overrides):
     import keras
 
     from keras_local.config import Config
-    from keras_local.training import build_model
+    from keras_local.run.training import build_model
 
     architecture, input_shape, recipe = MODELS[name]
     options = dict(recipe)
@@ -568,7 +568,7 @@ def main(argv=None):
     if "keras" in sys.modules and sys.modules["keras"].backend.backend() != args.backend:
         sys.exit("throughput.py: error: Keras was already imported on another backend")
     os.environ["KERAS_BACKEND"] = args.backend  # before Keras is imported
-    from keras_local.quiet import quiet_start
+    from keras_local.run.quiet import quiet_start
 
     quiet_start()  # imports TensorFlow (quiet, oneDNN on) before anything else does
     check_backend(args.backend)

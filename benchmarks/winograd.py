@@ -1,4 +1,4 @@
-"""Winograd F(2x2, 3x3) (keras_local.tf_winograd) against oneDNN's direct kernels on the
+"""Winograd F(2x2, 3x3) (keras_local.kernels.tensorflow.winograd) against oneDNN's direct kernels on the
 maps of the VGG blocks: forward convolution and filter gradient, median milliseconds.
 
     python benchmarks/winograd.py            # one chunk of 16 examples (the chunked block's)
@@ -49,7 +49,7 @@ def main(argv=None):
     import numpy as np
     import tensorflow as tf
 
-    from keras_local import tf_winograd
+    from keras_local.kernels.tensorflow import winograd as tf_winograd
 
     print(f"batch {args.batch}, median of {args.repeats} calls, ms "
           f"(GFLOP/s of the direct arithmetic)")

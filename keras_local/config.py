@@ -8,7 +8,7 @@ import math
 import numbers
 from typing import Optional
 
-from keras_local.local_losses import list_local_losses
+from keras_local.losses.registry import list_local_losses
 
 LOSS_UNSUP_CHOICES = ("none", "sim", "recon")
 NONLIN_CHOICES = ("relu", "leakyrelu")

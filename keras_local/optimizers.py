@@ -1,4 +1,5 @@
-"""PyTorch's Adam / AMSGrad and SGD as Keras optimisers (the reference's numerics).
+"""The reference's optimisers and learning-rate schedule: PyTorch's Adam / AMSGrad and SGD
+as Keras optimisers (``make_optimizer``), and the milestone decay (``milestone_learning_rate``).
 
 Two differences from Keras's own optimisers, both of which change the weights:
 - Adam's epsilon. torch.optim.Adam divides by ``sqrt(v_t) / sqrt(1 - beta_2^t) + eps``
@@ -16,11 +17,15 @@ Both are ordinary ``keras.optimizers.Optimizer`` subclasses: ``update_step`` rea
 ``self.iterations`` as Keras's Adam does, so they run on every backend, inside
 ``tf.function(jit_compile=True)``, under tf.distribute, and save/load by name. On
 TensorFlow without a strategy each variable's update is one fused kernel
-(``keras_local.tf_fused_updates``: same formulas, fewer passes over memory).
+(``keras_local.kernels.tensorflow.fused_updates``: same formulas, fewer passes over memory).
 """
+
+import bisect
 
 import keras
 from keras import ops
+
+from keras_local.kernels import fast_paths
 
 
 @keras.saving.register_keras_serializable(package="keras_local")
@@ -137,15 +142,10 @@ class TorchSGD(keras.optimizers.Optimizer):
 
 
 def _fused_kernels(*variables):
-    """(``keras_local.tf_fused_updates``, the tf.Variables behind ``variables``) when the
-    fused TensorFlow kernels can update them; None for the backend-agnostic ops. None
+    """(the fused update kernels, the backend variables behind ``variables``) where a fast
+    path updates them (``keras_local.kernels``); None for the backend-agnostic ops. None
     entries (absent slots) pass through."""
-    if keras.backend.backend() != "tensorflow":
-        return None
-    from keras_local import tf_fused_updates
-
-    resolved = tf_fused_updates.applies(*variables)
-    return None if resolved is None else (tf_fused_updates, resolved)
+    return fast_paths().fused_updates(*variables)
 
 
 def _coupled_decay(gradient, variable, weight_decay):
@@ -154,3 +154,30 @@ def _coupled_decay(gradient, variable, weight_decay):
     if weight_decay:
         gradient = gradient + ops.cast(weight_decay, variable.dtype) * variable
     return gradient
+
+def make_optimizer(config):
+    """The reference's optimiser: PyTorch's Adam / AMSGrad / SGD(+momentum) with its
+    coupled L2 weight decay (``keras_local.optimizers``); "keras_adam" is Keras's own
+    Adam (epsilon before bias correction), which has no coupled weight decay.
+    """
+    if config.optim in ("adam", "amsgrad"):
+        return TorchAdam(learning_rate=config.lr, epsilon=1e-8,
+                         amsgrad=config.optim == "amsgrad",
+                         coupled_weight_decay=config.weight_decay)
+    if config.optim == "sgd":
+        return TorchSGD(learning_rate=config.lr, momentum=config.momentum,
+                        coupled_weight_decay=config.weight_decay)
+    if config.optim == "keras_adam":  # Config refuses weight_decay with it
+        return keras.optimizers.Adam(learning_rate=config.lr, epsilon=1e-8)
+    raise ValueError(f"unknown optim {config.optim!r}; "
+                     f"choose one of adam, amsgrad, sgd, keras_adam")
+
+
+def milestone_learning_rate(config, epoch):
+    """Learning rate of 0-based ``epoch``: lr * fact ** (number of milestones <= epoch).
+
+    Same as the reference's ``lr * fact ** bisect_right(milestones, epoch - 1)`` with
+    its 1-based epochs.
+    """
+    decays = bisect.bisect_right(list(config.lr_decay_milestones), epoch)
+    return config.lr * config.lr_decay_fact**decays

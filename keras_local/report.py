@@ -18,7 +18,7 @@ import sys
 
 from keras_local.cli import (EXIT_BAD_INPUT, EXPORT_COMMAND, PREDICT_COMMAND, REPORT_COMMAND,
                              OneLineParser)
-from keras_local.json_files import JSONFileError, read_json_file
+from keras_local.run.json_files import JSONFileError, read_json_file
 
 
 class ReportError(ValueError):
@@ -167,7 +167,8 @@ def run_summary(path, exported):
     timing = (f"{_number(results.get('wall_seconds'), '.1f', ' s')} wall time, "
               f"{_number(results.get('images_per_second'), ',.0f')} training images/s")
     lines = [
-        f"done: {run.label} on {run.config.get('dataset', '?')}, {len(run.epochs)} epochs, "
+        f"done: {run.label} on {run.config.get('dataset', '?')}, {len(run.epochs)} "
+        f"epoch{'' if len(run.epochs) == 1 else 's'}, "
         f"{timing}",
         f"  test error       {run.final_test_error:.2f}% (best {run.best_test_error:.2f}% "
         f"at epoch {run.best_epoch})",

@@ -127,7 +127,7 @@ def tiny_runs(tmp_path_factory):
     import keras
 
     import keras_local as kl
-    from keras_local.training import run
+    from keras_local.run.training import run
 
     save_dir = tmp_path_factory.mktemp("tiny_runs")
     runs = {}

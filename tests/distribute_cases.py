@@ -56,7 +56,7 @@ def mirrored_case(data, work):
     import tensorflow as tf
 
     import keras_local as kl
-    from keras_local.distribute import make_strategy
+    from keras_local.run.distribute import make_strategy
 
     config = kl.Config(model="mlp", num_layers=3, num_hidden=32, optim="sgd", lr=0.1,
                        jit_compile=False, strategy="mirrored")
@@ -177,7 +177,7 @@ def pipeline_case(data, work):
     import tensorflow as tf
 
     import keras_local as kl
-    from keras_local.distribute import block_devices, same_device
+    from keras_local.run.distribute import block_devices, same_device
 
     config = kl.Config(model="mlp", num_layers=4, num_hidden=128, optim="adam", lr=1e-3,
                        jit_compile=False, placement="layerwise", pipeline=True)

@@ -12,7 +12,7 @@ sys.path.insert(0, ROOT)
 
 def main():
     kill_epoch, kill_batch = int(sys.argv[1]) - 1, int(sys.argv[2]) - 1
-    from keras_local.callbacks import NaNGuard
+    from keras_local.run.callbacks import NaNGuard
 
     original = NaNGuard.on_train_batch_begin
 

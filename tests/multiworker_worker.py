@@ -33,7 +33,7 @@ def main():
     task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
 
     import keras_local as kl
-    from keras_local.distribute import is_chief, make_strategy, per_worker_path
+    from keras_local.run.distribute import is_chief, make_strategy, per_worker_path
 
     config = kl.Config(strategy="multiworker", num_layers=2, num_hidden=32, optim="adam",
                        lr=1e-3, jit_compile=False)

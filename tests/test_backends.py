@@ -274,7 +274,7 @@ def test_fit_evaluate_predict_on_this_backend(rng, precision):
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_tensorflow_only_options_are_refused(backend, changes):
     import keras_local as kl
-    from keras_local.training import check_backend_support as _check_backend_support
+    from keras_local.run.training import check_backend_support as _check_backend_support
 
     with pytest.raises(ValueError, match=f"tensorflow backend only.*running on '{backend}'"):
         _check_backend_support(kl.Config(**changes), backend)
@@ -284,7 +284,7 @@ def test_tensorflow_only_options_are_refused(backend, changes):
 
 def test_mixed_precision_is_refused_on_torch_only():
     import keras_local as kl
-    from keras_local.training import check_backend_support as _check_backend_support
+    from keras_local.run.training import check_backend_support as _check_backend_support
 
     config = kl.Config(precision="mixed_bfloat16")
     with pytest.raises(ValueError, match="tensorflow and jax backends only.*'torch'"):

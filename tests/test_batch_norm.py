@@ -80,10 +80,21 @@ def test_fused_kernel_gives_the_composed_ops_values_and_gradients(rng, shape):
     layer.build(shape)
     layer.gamma.assign(rng.uniform(0.5, 1.5, size=shape[-1]))
     layer.beta.assign(rng.normal(size=shape[-1]))
-    assert layer._fused_available(x)
+    from keras_local.kernels.tensorflow import TENSORFLOW
+
+    def fused(t):
+        outputs, mean, variance = TENSORFLOW.batch_norm(layer, t)
+        return outputs, mean, layer.unbiased(t, variance)
+
+    def composed(t):
+        mean, variance = layer.batch_moments(t)
+        outputs = keras.ops.batch_normalization(t, mean, variance, axis=-1, offset=layer.beta,
+                                                scale=layer.gamma, epsilon=layer.epsilon)
+        return outputs, mean, layer.unbiased(t, variance)
+
     weights = tf.constant(rng.normal(size=shape).astype("float32"))
     results = []
-    for path in (layer._fused_training, lambda t: layer._unfused_training(t, None)):
+    for path in (fused, composed):
         with tf.GradientTape() as tape:
             tape.watch(x)
             outputs, mean, unbiased = path(x)
@@ -116,30 +127,29 @@ def _assert_float64_exact(mean, variance, x, what):
 def test_batch_statistics_are_as_precise_as_float64(rng, path):
     import tensorflow as tf
 
-    from keras_local import tf_gradients
+    from keras_local.kernels.tensorflow import TENSORFLOW
+    from keras_local.kernels.tensorflow import gradients as tf_gradients
 
     x = _offset_map(rng)
     layer = TorchBatchNormalization(momentum=0.9, epsilon=1e-5)
     layer.build(x.shape)
-    count = x.size // x.shape[-1]
     if path == "moments":
         mean, variance = tf_gradients.moments(tf.constant(x))
     elif path == "leaky_relu":
         _, mean, variance = tf_gradients.batch_norm_leaky_relu(
             tf.constant(x), tf.convert_to_tensor(layer.gamma), tf.convert_to_tensor(layer.beta),
             1e-5, 0.01)
+    elif path == "fused":
+        _, mean, variance = TENSORFLOW.batch_norm(layer, tf.constant(x))
     else:
-        run = layer._fused_training if path == "fused" else (
-            lambda t: layer._unfused_training(t, None))
-        _, mean, unbiased = run(tf.constant(x))
-        variance = np.asarray(unbiased, np.float64) * (count - 1) / count
+        mean, variance = layer.batch_moments(tf.constant(x))
     _assert_float64_exact(mean, variance, x, path)
 
 
 @pytest.mark.tensorflow_only
 def test_dense_batch_statistics_are_as_precise_as_float64(rng):
     """Dense blocks' BatchNorm reduces over the batch only (here 300 rows: groups of 16)."""
-    from keras_local import tf_gradients
+    from keras_local.kernels.tensorflow import gradients as tf_gradients
 
     x = _offset_map(rng, (300, 64))
     _assert_float64_exact(*tf_gradients.moments(x), x, "dense")
@@ -151,14 +161,15 @@ def test_chunked_conv_block_batch_statistics_are_as_precise_as_float64(rng):
     from zero / one)."""
     import tensorflow as tf
 
-    from keras_local import tf_chunked_block
+    from keras_local.kernels.tensorflow import TENSORFLOW
+    from keras_local.kernels.tensorflow import chunked_block as tf_chunked_block
     from keras_local.layers.block import LocalBlock
 
     block = LocalBlock("conv", 16, 4, nonlin="leakyrelu", dim_in_decoder=64, seed=5)
     x = rng.normal(size=(32, 28, 28, 3)).astype("float32")
     block.build(x.shape)
     block.encoder.bias.assign(rng.uniform(5.0, 500.0, size=16).astype("float32"))
-    assert tf_chunked_block.applies(block, tf.constant(x))
+    assert TENSORFLOW.chunks_block(block, tf.constant(x))
     block.bn.moving_variance.assign(np.zeros(16, "float32"))
     tf_chunked_block.block_forward(block, tf.constant(x))
     z = keras.ops.convert_to_numpy(block.encoder(x))  # the same conv: 16 channels, no Winograd

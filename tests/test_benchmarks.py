@@ -63,7 +63,7 @@ def test_step_macs_count_heads_and_similarity():
     finally:
         sys.path.pop(0)
     from keras_local.config import Config
-    from keras_local.training import build_model
+    from keras_local.run.training import build_model
 
     local = build_model("mlp", (4, 4, 1), 10, Config(model="mlp", num_layers=1, num_hidden=8))
     backprop = build_model("mlp", (4, 4, 1), 10,

@@ -13,8 +13,8 @@ import keras_local as kl
 from keras_local.cli.export import main as export_main
 from keras_local.cli.predict import main as predict_main
 from keras_local.cli.train import main as train_main
-from keras_local.json_files import MAX_JSON_DEPTH, JSONFileError, read_json_file
-from keras_local.model_files import (
+from keras_local.run.json_files import MAX_JSON_DEPTH, JSONFileError, read_json_file
+from keras_local.run.model_files import (
     MAX_PARAMETERS,
     ModelFileError,
     check_keras_file,

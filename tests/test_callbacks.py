@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keras_local.callbacks import class_sorted_sample, hparam_values, similarity_picture
+from keras_local.run.callbacks import class_sorted_sample, hparam_values, similarity_picture
 
 pytestmark = pytest.mark.tensorflow_only
 
@@ -128,7 +128,7 @@ def test_hparams_show_an_option_only_where_it_acts():
 
 
 def test_tensorboard_tags_of_keras_names():
-    from keras_local.callbacks import tensorboard_tag
+    from keras_local.run.callbacks import tensorboard_tag
 
     assert tensorboard_tag("epoch_block_12_recon_loss") == "block_12/recon_loss"
     assert tensorboard_tag("epoch_block_1_error") == "block_1/error"
@@ -200,7 +200,7 @@ def test_epoch_seconds_include_the_work_between_epochs():
 
     import keras
 
-    from keras_local.callbacks import EpochTimes
+    from keras_local.run.callbacks import EpochTimes
 
     class SlowEpochEnd(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -222,9 +222,9 @@ def test_similarity_images_of_residual_networks(tmp_path, model):
     of its output, one row and column per example."""
     import keras
 
-    from keras_local.callbacks import SimilarityImages
+    from keras_local.run.callbacks import SimilarityImages
     from keras_local.config import Config
-    from keras_local.training import build_model
+    from keras_local.run.training import build_model
 
     config = Config(dataset="cifar10", model=model, feat_mult=0.125, jit_compile=False,
                     backend=keras.backend.backend())

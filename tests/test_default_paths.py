@@ -265,7 +265,7 @@ def test_similarity_images_of_a_large_image_folder_are_decoded(tmp_path):
     import keras_local as kl
     from keras_local.data.folders import describe_folder
     from keras_local.data.loading import load_arrays
-    from keras_local.training import similarity_sample
+    from keras_local.run.training import similarity_sample
 
     folder = write_folder(str(tmp_path / "images"), ["a", "b", "c"], 100, val_per_class=2)
     config = describe_folder(kl.Config(dataset="folder", data_dir=folder, image_size=96,

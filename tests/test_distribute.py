@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import keras_local as kl
-from keras_local import distribute
+from keras_local.run import distribute
 from keras_local.models.registry import build_feature_layers
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))

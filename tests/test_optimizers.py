@@ -67,7 +67,7 @@ def draws(rng, steps, shape=(5, 7)):
 @pytest.fixture(params=["fused", "ops"])
 def update_path(request, monkeypatch):
     """Both implementations of the updates: on TensorFlow the fused XLA kernels
-    (keras_local.tf_fused_updates) and the backend-agnostic ops every other backend runs."""
+    (keras_local.kernels.tensorflow.fused_updates) and the backend-agnostic ops every other backend runs."""
     if request.param == "fused":
         if keras.backend.backend() != "tensorflow":
             pytest.skip("the fused kernels are TensorFlow's")
@@ -82,7 +82,7 @@ def test_tensorflow_updates_take_the_fused_kernels_unless_a_strategy_is_active()
 
     variable = keras.Variable(np.zeros((2, 2), "float32"))
     kernels, (resolved,) = optimizers._fused_kernels(variable)
-    assert isinstance(resolved, tf.Variable) and kernels.__name__.endswith("tf_fused_updates")
+    assert isinstance(resolved, tf.Variable) and kernels.__name__.endswith(".fused_updates")
     with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
         assert optimizers._fused_kernels(keras.Variable(np.zeros((2, 2), "float32"))) is None
 

@@ -1,4 +1,4 @@
-"""A quiet start (keras_local/quiet.py): TensorFlow's C++ start-up noise is filtered out of
+"""A quiet start (keras_local/run/quiet.py): TensorFlow's C++ start-up noise is filtered out of
 file descriptor 2, everything else written there still shows."""
 
 import os
@@ -57,6 +57,6 @@ def test_train_cli_start_is_quiet_and_ends_with_a_summary(tmp_path):
     lines = (result.stdout + result.stderr).splitlines()
     noisy = [line for line in lines if any(word in line for word in ("E0000", "cuInit", "absl"))]
     assert not noisy, noisy
-    assert any(line.startswith("done: mlp predsim on fashion_mnist_demo, 1 epochs")
+    assert any(line.startswith("done: mlp predsim on fashion_mnist_demo, 1 epoch,")
                for line in lines)
     assert any(line.strip().startswith("tensorboard --logdir ") for line in lines)

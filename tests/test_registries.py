@@ -12,7 +12,7 @@ import pytest
 from keras import ops
 
 import keras_local as kl
-from keras_local.local_losses import LocalLossInputs, get_local_loss
+from keras_local.losses.registry import LocalLossInputs, get_local_loss
 from keras_local.cli.train import main as train_main  # what train.py runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -108,7 +108,7 @@ def test_sigkill_mid_epoch_2_then_resume_gives_the_uninterrupted_weights(tmp_pat
 
 # --------------------------------------------------------------- run directories (break 8)
 def test_run_directories_are_created_atomically(tmp_path, monkeypatch):
-    from keras_local import training
+    from keras_local.run import training
 
     config = kl.Config(save_dir=str(tmp_path / "runs"))
     monkeypatch.setattr(training, "new_run_dir",  # two runs started in the same second
@@ -140,7 +140,7 @@ def test_bad_options_one_line_exit_2_no_run_dir(tmp_path, args, message, capsys)
 
 
 def test_nan_message_names_only_files_that_exist(tmp_path):
-    from keras_local.callbacks import NaNGuard, NonFiniteLossError
+    from keras_local.run.callbacks import NaNGuard, NonFiniteLossError
 
     guard = NaNGuard(str(tmp_path))
     with pytest.raises(NonFiniteLossError) as error:

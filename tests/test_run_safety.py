@@ -46,7 +46,7 @@ def one_line_error(capsys):
 def interrupted(tmp_path_factory):
     """A run stopped (Ctrl-C) in epoch 2 of 3: backup/ and checkpoints/ of epoch 1,
     history.csv with one row, logs/."""
-    from keras_local.callbacks import NaNGuard
+    from keras_local.run.callbacks import NaNGuard
 
     save_dir = tmp_path_factory.mktemp("interrupted")
 
@@ -123,8 +123,8 @@ def test_resume_out_of_memory_while_restoring_refuses(run_copy, capsys, monkeypa
 
 
 def test_unreadable_backup_is_kept_aside_when_the_checkpoint_restores(tmp_path):
-    from keras_local.callbacks import save_model_atomically
-    from keras_local.resume import restore
+    from keras_local.run.callbacks import save_model_atomically
+    from keras_local.run.resume import restore
 
     model = kl.build_model("mlp", (4,), 3, kl.Config(num_hidden=8))
     model.compile()
@@ -142,7 +142,7 @@ def test_unreadable_backup_is_kept_aside_when_the_checkpoint_restores(tmp_path):
 
 
 def test_history_without_a_state_to_resume_from_is_refused(tmp_path):
-    from keras_local.resume import ResumeError, restore
+    from keras_local.run.resume import ResumeError, restore
 
     model = kl.build_model("mlp", (4,), 3, kl.Config(num_hidden=8))
     model.compile()
@@ -160,7 +160,7 @@ def test_history_without_a_state_to_resume_from_is_refused(tmp_path):
 def test_a_second_process_on_the_same_run_is_refused(run_copy, capsys):
     """Two real processes: another one holds the run's lock; train.py --resume refuses,
     and once that process dies (SIGKILL, no clean-up) the OS has released the lock."""
-    from keras_local.training import lock_run_dir
+    from keras_local.run.training import lock_run_dir
 
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, sys, time\n"
@@ -266,10 +266,10 @@ def test_files_added_to_out_while_exporting_are_kept(checkpoint, tmp_path, capsy
 
 # ------------------------------------------------------------------ full disk, bad places
 def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    from keras_local.callbacks import save_model_atomically
-    from keras_local.json_files import WriteError
+    from keras_local.run.callbacks import save_model_atomically
+    from keras_local.run.json_files import WriteError
     from keras_local.models.local_model import LocalModel
-    from keras_local.resume import checkpoint_epochs
+    from keras_local.run.resume import checkpoint_epochs
 
     model = kl.build_model("mlp", (4,), 3, kl.Config(num_hidden=8))
     model.compile()
@@ -291,8 +291,8 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, mo
 
 
 def test_disk_full_while_writing_json_keeps_the_previous_file(tmp_path, monkeypatch):
-    from keras_local import json_files
-    from keras_local.json_files import WriteError, write_json_atomically
+    from keras_local.run import json_files
+    from keras_local.run.json_files import WriteError, write_json_atomically
 
     path = tmp_path / "results.json"
     write_json_atomically(str(path), {"test_error": 1.5})
@@ -311,7 +311,7 @@ def test_disk_full_while_writing_json_keeps_the_previous_file(tmp_path, monkeypa
 
 def test_disk_full_during_training_is_one_line_and_resumable(tmp_path, capsys, monkeypatch):
     from keras_local.models.local_model import LocalModel
-    from keras_local.resume import checkpoint_epochs
+    from keras_local.run.resume import checkpoint_epochs
 
     saves = []
     original = LocalModel.save
@@ -334,7 +334,8 @@ def test_disk_full_during_training_is_one_line_and_resumable(tmp_path, capsys, m
 @pytest.mark.parametrize("where", ["proc", "file", "read_only"])
 def test_unwritable_save_dir_is_one_line_before_training(tmp_path, capsys, monkeypatch,
                                                          where):
-    from keras_local import data, training
+    from keras_local import data
+    from keras_local.run import training
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -361,7 +362,7 @@ def test_recorded_epoch_counts_nested_too_deep_are_refused_not_recursed(tmp_path
     file nested thousands of levels deep is a ValueError (one line), not a RecursionError."""
     import zipfile
 
-    from keras_local import resume
+    from keras_local.run import resume
 
     checkpoint = tmp_path / "last.keras"
     with zipfile.ZipFile(checkpoint, "w") as archive:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_local.losses import (
+from keras_local.losses.maths import (
     binary_pred_loss,
     error_percent,
     pred_loss,

@@ -1,4 +1,4 @@
-"""A conv block trained through keras_local.tf_chunked_block (its backward pass in batch
+"""A conv block trained through keras_local.kernels.tensorflow.chunked_block (its backward pass in batch
 chunks) against TensorFlow's autodiff of the plain layers: losses, gradients w.r.t. the
 weights and the input, and BatchNorm's moving statistics."""
 
@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_local import tf_chunked_block, tf_gradients, tf_winograd
+from keras_local.kernels.tensorflow import TENSORFLOW
+from keras_local.kernels.tensorflow import chunked_block as tf_chunked_block
+from keras_local.kernels.tensorflow import gradients as tf_gradients
+from keras_local.kernels.tensorflow import winograd as tf_winograd
 from keras_local.layers.block import LocalBlock
 
 pytestmark = pytest.mark.tensorflow_only
@@ -51,10 +54,10 @@ def compare_with_autodiff(block, batch, rng, from_above=0.0, size=8):
     labels = tf.one_hot(rng.integers(0, 4, batch), 4)
     output_weight = tf.constant(from_above * rng.normal(size=(1, size, size, block.width)),
                                 dtype="float32")
-    assert tf_chunked_block.applies(block, x)
+    assert TENSORFLOW.chunks_block(block, x)
     chunked = run_block(block, x, labels, output_weight)
     with tf_gradients.plain_autodiff():
-        assert not tf_chunked_block.applies(block, x)
+        assert not TENSORFLOW.chunks_block(block, x)
         plain = run_block(block, x, labels, output_weight)
     np.testing.assert_allclose(chunked[0], plain[0], rtol=1e-6)
     names = [v.path for v in block.trainable_variables] + ["input"]
@@ -117,7 +120,7 @@ def test_other_blocks_take_the_autodiff_path(options, rng):
     options = {"local_loss": "predsim", **options}
     loss = options.pop("local_loss")
     block = make_block(rng, loss, **options)
-    assert not tf_chunked_block.applies(block, tf.zeros((2, 8, 8, 3)))
+    assert not TENSORFLOW.chunks_block(block, tf.zeros((2, 8, 8, 3)))
 
 
 @pytest.mark.parametrize("kernel_shape", [(3, 3, 5, 7), (5, 3, 4, 2), (2, 2, 3, 3), (1, 1, 6, 4)])
@@ -164,6 +167,6 @@ def pretend_a_gpu(monkeypatch):
 def test_with_a_gpu_present_the_block_takes_autodiff(rng, monkeypatch):
     """The chunked pass was measured on CPUs only."""
     block, x = make_block(rng), tf.zeros((4, 8, 8, 3))
-    assert tf_chunked_block.applies(block, x)
+    assert TENSORFLOW.chunks_block(block, x)
     pretend_a_gpu(monkeypatch)
-    assert not tf_chunked_block.applies(block, x)
+    assert not TENSORFLOW.chunks_block(block, x)

@@ -1,4 +1,4 @@
-"""The memory-saving custom gradients (keras_local.tf_gradients) against TensorFlow's
+"""The memory-saving custom gradients (keras_local.kernels.tensorflow.gradients) against TensorFlow's
 autodiff of the plain expressions: values and gradients w.r.t. inputs and weights."""
 
 import numpy as np
@@ -7,9 +7,10 @@ import keras
 import tensorflow as tf
 
 import keras_local as kl
-from keras_local import tf_gradients
+from keras_local.kernels.tensorflow import TENSORFLOW
+from keras_local.kernels.tensorflow import gradients as tf_gradients
 from keras_local.layers.block import LocalBlock
-from keras_local.losses import spatial_std
+from keras_local.losses.maths import spatial_std
 from keras_local.steps import rule
 from keras_local.steps.tensorflow import TensorFlowExecutor
 
@@ -135,7 +136,7 @@ def test_block_local_loss_gradients_match_autodiff(kind, shape, rng, plain_gradi
     # Weights away from their initial values (gamma 1, beta 0, zero pred head).
     for v in block.trainable_variables:
         v.assign(v + rng.normal(0, 0.2, size=v.shape).astype("float32"))
-    assert block.bn.fuses_leaky_relu(x)
+    assert TENSORFLOW.fuses_leaky_relu(block.bn, x)
     new_loss, new_grads = block_step(block, x, labels)
     new_stats = [block.bn.moving_mean.numpy(), block.bn.moving_variance.numpy()]
     block.bn.moving_mean.assign(np.zeros(12, "float32"))

@@ -14,7 +14,7 @@ import pytest
 import keras
 
 import keras_local as kl
-from keras_local.callbacks import AtomicCheckpoint, NaNGuard, NonFiniteLossError
+from keras_local.run.callbacks import AtomicCheckpoint, NaNGuard, NonFiniteLossError
 from keras_local.cli.train import main as train_main  # what train.py runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,7 +205,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, rng):
 @pytest.mark.parametrize("scale_out", [["--strategy", "mirrored"],
                                        ["--placement", "layerwise", "--pipeline"]])
 def test_cli_scale_out_options_train(tmp_path, scale_out):
-    """The CLI wires --strategy / --placement / --pipeline to keras_local.distribute."""
+    """The CLI wires --strategy / --placement / --pipeline to keras_local.run.distribute."""
     save_dir = str(tmp_path / "runs")
     result = train_cli("--dataset", "fashion_mnist_demo", "--model", "mlp", "--num-layers", "2",
                        "--num-hidden", "64", "--epochs", "2", "--max-train-examples", "1024",

@@ -1,11 +1,11 @@
-"""Winograd F(2x2, 3x3) convolutions (keras_local.tf_winograd) against TensorFlow's direct
+"""Winograd F(2x2, 3x3) convolutions (keras_local.kernels.tensorflow.winograd) against TensorFlow's direct
 convolution and its autodiff filter gradient."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_local import tf_winograd
+from keras_local.kernels.tensorflow import winograd as tf_winograd
 
 pytestmark = pytest.mark.tensorflow_only
 

@@ -11,15 +11,15 @@ import sys
 import zipfile
 
 from keras_local.cli import EXIT_BAD_INPUT, EXPORT_COMMAND, OneLineParser
-from keras_local.quiet import quiet_start
+from keras_local.run.quiet import quiet_start
 
 quiet_start()  # before Keras imports TensorFlow: no C++ start-up noise
 import keras  # noqa: E402
 
 from keras_local.exporting import (FORMATS, ExportError, NotReplaceableError, check_replaceable,
                                    export_model)
-from keras_local.json_files import JSONFileError, read_json_file
-from keras_local.model_files import ModelFileError, check_keras_file
+from keras_local.run.json_files import JSONFileError, read_json_file
+from keras_local.run.model_files import ModelFileError, check_keras_file
 from keras_local.models.local_model import LocalModel, load_model
 
 EXIT_EXPORT_FAILED = 1
@@ -87,7 +87,7 @@ def _read_json_object(path):
 
 def load_local_model(model_file):
     """Load a LocalModel from a .keras file (safe_mode stays on), after bounding what its
-    config would build (``keras_local.model_files``)."""
+    config would build (``keras_local.run.model_files``)."""
     if not zipfile.is_zipfile(model_file):
         raise BadInput(f"{model_file} is not a .keras model file (not a zip archive)")
     try:

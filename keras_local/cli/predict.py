@@ -22,7 +22,7 @@ from PIL import Image
 
 from keras_local.cli import EXIT_BAD_INPUT, EXPORT_COMMAND, PREDICT_COMMAND, OneLineParser
 from keras_local.data.folders import printable
-from keras_local.json_files import JSONFileError, read_json_file
+from keras_local.run.json_files import JSONFileError, read_json_file
 
 IMAGE_FORMATS = ("PNG", "JPEG")
 IMAGE_MODES = {1: "L", 3: "RGB"}

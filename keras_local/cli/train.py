@@ -1,4 +1,4 @@
-"""Train a network with local error signals: the command line over keras_local.training,
+"""Train a network with local error signals: the command line over keras_local.run.training,
 installed as the console script ``keras-local-train`` (``train.py`` in the repository).
 
 Example:  keras-local-train --dataset cifar10 --model vgg11b
@@ -16,7 +16,7 @@ from keras_local.cli import TRAIN_COMMAND, OneLineParser
 from keras_local.config import (BACKEND_CHOICES, LOSS_UNSUP_CHOICES, NONLIN_CHOICES,
                                 OPTIM_CHOICES, PLACEMENT_CHOICES, PRECISION_CHOICES,
                                 STRATEGY_CHOICES, Config)
-from keras_local.json_files import read_json_file
+from keras_local.run.json_files import read_json_file
 
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
@@ -31,7 +31,7 @@ NO_OPTIONS = (f"{TRAIN_COMMAND}: error: no options given; the defaults (--datase
 
 def pre_parse(argv):
     """The options needed before Keras is imported: the backend, --resume, plugins and
-    --deterministic (which keeps oneDNN's kernels off, see keras_local.quiet)."""
+    --deterministic (which keeps oneDNN's kernels off, see keras_local.run.quiet)."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--backend", default=DEFAULTS["backend"])
     p.add_argument("--resume", default=None)
@@ -71,7 +71,7 @@ def make_parser():
     losses), including what plugins registered, and the defaults from Config. Starts no
     Keras backend."""
     from keras_local.data.catalogue import list_datasets
-    from keras_local.local_losses import list_local_losses
+    from keras_local.losses.registry import list_local_losses
     from keras_local.models.registry import list_models
     from keras_local.recipes import RECIPES
 
@@ -249,8 +249,8 @@ def main(argv=None):
     if early.deterministic or resumed.get("deterministic"):
         # Before TensorFlow starts: oneDNN's kernels are not covered by op determinism.
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    from keras_local.plugins import PluginError, load_plugins
-    from keras_local.quiet import quiet_start
+    from keras_local.run.plugins import PluginError, load_plugins
+    from keras_local.run.quiet import quiet_start
 
     plugins = list(resumed.get("plugins", [])) + early.plugin
     if plugins:
@@ -267,11 +267,11 @@ def main(argv=None):
         print(format_recipes())
         return 0
     quiet_start(import_tensorflow=True)  # no C++ start-up noise; tf.data on every backend
-    from keras_local.callbacks import NonFiniteLossError
-    from keras_local.cli_errors import USER_ERRORS
-    from keras_local.json_files import WriteError
-    from keras_local.resume import ResumeError
-    from keras_local.training import RunFinished, RunInUseError, prepare, train_prepared
+    from keras_local.run.callbacks import NonFiniteLossError
+    from keras_local.cli.errors import USER_ERRORS
+    from keras_local.run.json_files import WriteError
+    from keras_local.run.resume import ResumeError
+    from keras_local.run.training import RunFinished, RunInUseError, prepare, train_prepared
 
     try:
         values, note = recipe_config_values(args, argv)

@@ -95,3 +95,12 @@ def dataset_info(config):
         mean=tuple(config.data_mean) or info.mean, std=tuple(config.data_std) or info.std,
         crop_padding=size // 8 if size <= 64 else 0, horizontal_flip=True,
         class_names=tuple(config.class_names))
+
+
+def normalise(images, info):
+    """uint8 [0, 255] -> (x / 255 - mean) / std, float32."""
+    import tensorflow as tf
+
+    mean = tf.constant(info.mean, tf.float32)
+    std = tf.constant(info.std, tf.float32)
+    return (tf.cast(images, tf.float32) / 255.0 - mean) / std

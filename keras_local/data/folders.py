@@ -239,7 +239,7 @@ def make_folder_datasets(config, info, train, test):
     """tf.data pipelines streaming large images from their files (module docstring)."""
     import tensorflow as tf
 
-    from keras_local.data.pipeline import normalise
+    from keras_local.data.catalogue import normalise
 
     size = image_size(config)
     autotune = tf.data.AUTOTUNE

@@ -4,7 +4,7 @@ sampling) and their NumPy twin for machines without TensorFlow."""
 import keras
 import numpy as np
 
-from keras_local.data.catalogue import dataset_info
+from keras_local.data.catalogue import dataset_info, normalise
 
 
 # ------------------------------------------------------------------ sampling
@@ -44,15 +44,6 @@ def classes_limited_in_epoch(config, epoch):
 
 
 # ------------------------------------------------------------------ pipeline
-def normalise(images, info):
-    """uint8 [0, 255] -> (x / 255 - mean) / std, float32."""
-    import tensorflow as tf
-
-    mean = tf.constant(info.mean, tf.float32)
-    std = tf.constant(info.std, tf.float32)
-    return (tf.cast(images, tf.float32) / 255.0 - mean) / std
-
-
 class EpochClock:
     """The epoch a training pipeline is feeding: set by ``callbacks.RandomStreams`` at
     each epoch start (so a resumed run feeds epoch e as the uninterrupted run did); when

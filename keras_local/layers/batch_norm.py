@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_local import tf_gradients
+from keras_local.kernels import fast_paths
 
 
 @keras.saving.register_keras_serializable(package="keras_local")
@@ -28,14 +28,21 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
         if mask is not None:
             raise ValueError("TorchBatchNormalization does not support masks")
         inputs = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
-        if self._fused_available(inputs):
-            outputs, mean, unbiased = self._fused_training(inputs)
+        fused = fast_paths().batch_norm(self, inputs)
+        if fused is not None:
+            outputs, mean, variance = fused
         else:
-            outputs, mean, unbiased = self._unfused_training(inputs, mask)
-        self._assign_moving_statistics(mean, unbiased)
+            mean, variance = self.batch_moments(inputs)
+            outputs = ops.batch_normalization(
+                x=inputs, mean=mean, variance=variance, axis=self.axis,
+                offset=ops.cast(self.beta, inputs.dtype) if self.center else None,
+                scale=ops.cast(self.gamma, inputs.dtype) if self.scale else None,
+                epsilon=self.epsilon)
+        self.assign_moving_statistics(mean, self.unbiased(inputs, variance))
         return ops.cast(outputs, self.compute_dtype)
 
-    def _assign_moving_statistics(self, mean, unbiased):
+    def assign_moving_statistics(self, mean, unbiased):
+        """Moving averages updated with the batch ``mean`` and ``unbiased`` variance."""
         momentum = self.momentum
         self.moving_mean.assign(
             ops.cast(self.moving_mean, mean.dtype) * momentum + mean * (1.0 - momentum))
@@ -43,7 +50,8 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
             ops.cast(self.moving_variance, unbiased.dtype) * momentum
             + unbiased * (1.0 - momentum))
 
-    def _unbiased(self, inputs, variance):
+    def unbiased(self, inputs, variance):
+        """The biased batch ``variance`` of ``inputs`` times N / (N - 1)."""
         shape = ops.shape(inputs)
         count = ops.cast(ops.prod(ops.convert_to_tensor(shape)) // shape[self.axis],
                          inputs.dtype)
@@ -51,56 +59,24 @@ class TorchBatchNormalization(keras.layers.BatchNormalization):
         # keeps its biased variance 0 rather than dividing by zero.
         return variance * count / ops.maximum(count - 1.0, 1.0)
 
-    def _fused_available(self, inputs):
-        """TensorFlow's fused kernel: NHWC feature maps normalised over the channels."""
-        return (keras.backend.backend() == "tensorflow" and len(inputs.shape) == 4
-                and self.axis in (-1, 3) and self.center and self.scale)
-
-    def _fused_training(self, inputs):
-        """(outputs, batch mean, unbiased batch variance): ``tf_gradients.batch_norm``,
-        statistics summed a few terms at a time, then normalised by FusedBatchNormV3 in
-        inference mode (one pass). TensorFlow's fused training kernel accumulates the mean
-        in one float32 running sum per channel, 3.9e-5 relative off on a 32x28x28x128
-        conv output, PyTorch ~1e-7."""
-        import tensorflow as tf
-
-        outputs, mean, variance = tf_gradients.batch_norm(
-            inputs, tf.cast(self.gamma, inputs.dtype), tf.cast(self.beta, inputs.dtype),
-            self.epsilon)
-        return outputs, mean, self._unbiased(inputs, variance)
-
-    def _moments(self, inputs, mask):
-        """Batch mean and biased variance; on TensorFlow ``tf_gradients.moments`` (short
-        partial sums, see ``tf_gradients.channel_sum``) where ``tf.nn.moments`` keeps one
-        float32 running sum per channel."""
-        last = self.axis in (-1, len(inputs.shape) - 1)
-        if mask is not None or not last or keras.backend.backend() != "tensorflow":
-            return super()._moments(inputs, mask)
-        return tf_gradients.moments(inputs)
-
-    def _unfused_training(self, inputs, mask):
-        mean, variance = self._moments(inputs, mask)
-        outputs = ops.batch_normalization(
-            x=inputs, mean=mean, variance=variance, axis=self.axis,
-            offset=ops.cast(self.beta, inputs.dtype) if self.center else None,
-            scale=ops.cast(self.gamma, inputs.dtype) if self.scale else None,
-            epsilon=self.epsilon)
-        return outputs, mean, self._unbiased(inputs, variance)
-
-    def fuses_leaky_relu(self, inputs):
-        """Whether ``leaky_relu_training`` applies: TensorFlow outside XLA, float32,
-        scale and centre, normalising the last axis."""
+    def batch_moments(self, inputs):
+        """Batch mean and biased variance over every axis but ``self.axis``. The fast path
+        (TensorFlow) sums a few terms at a time where ``ops.moments`` keeps one float32
+        running sum per channel (3.9e-5 relative off float64 on a 32x28x28x128 conv
+        output, PyTorch ~1e-7)."""
+        fast = fast_paths().moments(self, inputs)
+        if fast is not None:
+            return fast
         axis = self.axis if self.axis >= 0 else self.axis + len(inputs.shape)
-        return (tf_gradients.active() and self.trainable and self.center and self.scale
-                and self.compute_dtype == "float32" and inputs.dtype == "float32"
-                and axis == len(inputs.shape) - 1)
+        return ops.moments(inputs, axes=[i for i in range(len(inputs.shape)) if i != axis])
 
     def leaky_relu_training(self, inputs, negative_slope):
-        """LeakyReLU(self(inputs, training=True)) with a gradient that reads only the
-        output (``keras_local.tf_gradients.batch_norm_leaky_relu``): the BatchNorm input
-        need not stay alive until the backward pass. Check ``fuses_leaky_relu`` first."""
-        outputs, mean, variance = tf_gradients.batch_norm_leaky_relu(
-            inputs, ops.cast(self.gamma, inputs.dtype), ops.cast(self.beta, inputs.dtype),
-            self.epsilon, negative_slope)
-        self._assign_moving_statistics(mean, self._unbiased(inputs, variance))
+        """LeakyReLU(self(inputs, training=True)) through a fast path whose gradient reads
+        only the output (the BatchNorm input need not stay alive until the backward pass);
+        None where no fast path applies."""
+        fused = fast_paths().batch_norm_leaky_relu(self, inputs, negative_slope)
+        if fused is None:
+            return None
+        outputs, mean, variance = fused
+        self.assign_moving_statistics(mean, self.unbiased(inputs, variance))
         return outputs

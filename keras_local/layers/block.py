@@ -3,14 +3,14 @@
 import keras
 from keras import ops
 
-from keras_local import tf_chunked_block
+from keras_local.kernels import fast_paths
 from keras_local.layers.batch_norm import TorchBatchNormalization
 from keras_local.layers.dropout import Dropout
 from keras_local.layers.feedback import LabelProjection
 from keras_local.layers.heads import PredHead, ReconstructionHead, SimHead, torch_bias_initializer
 from keras_local.layers.heads import torch_kernel_initializer
-from keras_local.local_losses import LocalLossInputs, get_local_loss
-from keras_local.losses import error_percent
+from keras_local.losses.registry import LocalLossInputs, get_local_loss
+from keras_local.losses.maths import error_percent
 
 BLOCK_KINDS = ("dense", "conv")
 
@@ -197,25 +197,28 @@ class LocalBlock(keras.layers.Layer):
         if self.encoder_padding is not None:
             h = self.encoder_padding(h)
         h = self.encoder(h)
-        leaky_tf = (training and self.nonlin == "leakyrelu"
-                    and keras.backend.backend() == "tensorflow")
-        if leaky_tf and self.bn is not None and self.bn.fuses_leaky_relu(h):
-            return self.bn.leaky_relu_training(h, self.activation.negative_slope)
+        leaky_training = training and self.nonlin == "leakyrelu"
+        slope = self.activation.negative_slope if leaky_training else None
+        if leaky_training and self.bn is not None:
+            fused = self.bn.leaky_relu_training(h, slope)
+            if fused is not None:
+                return fused
         if self.bn is not None:
             h = self.bn(h, training=training)
-        if leaky_tf:
-            return leaky_relu_with_output_gradient(h, self.activation.negative_slope)
+        if leaky_training:
+            fast = fast_paths().leaky_relu(h, slope)
+            if fast is not None:
+                return fast
         return self.activation(h)
 
     def call(self, inputs, training=None, labels=None, dropout=True):
         """``dropout=False``: return h without the block's dropout (the update rule then
         applies ``self.dropout`` itself after the block's gradients)."""
-        summaries = None
-        if labels is not None and self.has_heads and training and tf_chunked_block.applies(
-                self, inputs):
-            h, summaries = tf_chunked_block.block_forward(self, inputs)
-        else:
-            h = self.features(inputs, training=training)
+        chunked = None
+        if labels is not None and self.has_heads and training:
+            chunked = fast_paths().block_forward(self, inputs)
+        h, summaries = chunked if chunked is not None else (
+            self.features(inputs, training=training), None)
         if labels is not None and self.has_heads:
             self.add_loss(self.local_loss(inputs, h, labels, summaries))
         if dropout and self.dropout is not None:
@@ -262,24 +265,3 @@ class LocalBlock(keras.layers.Layer):
             "first_layer": self.first_layer, "similarity_std": self.similarity_std,
         }
 
-
-def leaky_relu_with_output_gradient(x, slope):
-    """LeakyReLU whose gradient reads its output, not its input (TensorFlow).
-
-    TensorFlow's LeakyReluGrad reads the op's input (here the BatchNorm output), so
-    training kept that map alive next to h; for a positive slope the output has the
-    input's sign, so the same kernel given the output computes the same gradient and
-    the BatchNorm output is freed once h exists (one feature map less per block).
-    """
-    import tensorflow as tf
-
-    @tf.custom_gradient
-    def leaky_relu(x):
-        y = tf.nn.leaky_relu(x, alpha=slope)
-
-        def gradient(dy):
-            return tf.raw_ops.LeakyReluGrad(gradients=dy, features=y, alpha=slope)
-
-        return y, gradient
-
-    return leaky_relu(x)

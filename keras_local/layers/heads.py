@@ -7,7 +7,7 @@ import numpy as np
 from keras import ops
 
 from keras_local.layers.feedback import FeedbackAlignmentDense
-from keras_local.losses import binary_pred_loss, pred_loss, sim_loss, sim_loss_of_rows
+from keras_local.losses.maths import binary_pred_loss, pred_loss, sim_loss, sim_loss_of_rows
 
 
 def torch_kernel_initializer(seed=None):

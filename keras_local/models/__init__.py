@@ -9,7 +9,7 @@ from keras_local.models.registry import build_feature_layers, list_models, regis
 
 _EXPORTS = {"LocalModel": "keras_local.models.local_model",
             "load_model": "keras_local.models.local_model",
-            "build_model": "keras_local.training"}  # a model for a run: placement, scopes
+            "build_model": "keras_local.run.training"}  # a model for a run: placement, scopes
 __all__ = ["LocalModel", "build_model", "load_model", "build_feature_layers", "list_models",
            "register_model"]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

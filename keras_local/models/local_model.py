@@ -10,9 +10,9 @@ from keras_local.layers.block import LocalBlock, part_seed
 from keras_local.config import Config
 from keras_local.layers.heads import torch_bias_initializer, torch_kernel_initializer
 from keras_local.models.common import block_seed
-from keras_local.optim import make_optimizer
+from keras_local.optimizers import make_optimizer
 from keras_local.steps import step_functions
-from keras_local.losses import error_percent, pred_loss
+from keras_local.losses.maths import error_percent, pred_loss
 
 
 @keras.saving.register_keras_serializable(package="keras_local")
@@ -30,7 +30,7 @@ class LocalModel(keras.Model):
     every block ``block_k_pred_loss``, ``block_k_sim_loss``, ``block_k_error``.
 
     The model knows its network, not the run: whoever builds it for a run
-    (``keras_local.training.build_model``) hands it
+    (``keras_local.run.training.build_model``) hands it
       - ``placement``: a function ``feature_layers -> (device per layer, output device)``
         (layer-wise placement), or None;
       - ``pipelined``: train with the pipelined executor (boundary buffers);

@@ -58,7 +58,7 @@ step's end, and the per-call host work (Python, callbacks, launching the functio
 paid once per 16 steps. Callbacks see a batch end every 16 steps.
 
 Placement and threads: ``Config.placement = "layerwise"`` puts block i on device i mod N
-(``keras_local.distribute``). On CPU logical devices all devices share the process's
+(``keras_local.run.distribute``). On CPU logical devices all devices share the process's
 thread pools: give the runtime at least as many inter-op threads as stages that should
 run at once. Dropout without a seed draws from Keras's global seed generator, a shared
 variable that serialises the stages: give dropout blocks a seed (the architectures do).
@@ -66,7 +66,7 @@ variable that serialises the stages: give dropout blocks a seed (the architectur
 
 import tensorflow as tf
 
-from keras_local.distribute import device_scope
+from keras_local.run.distribute import device_scope
 from keras_local.steps import rule
 from keras_local.steps.tensorflow import TensorFlowExecutor, per_call_safe
 from keras_local.steps.tensorflow import test_step  # noqa: F401  (evaluation is not pipelined)

@@ -26,7 +26,7 @@ import keras
 from keras import ops
 
 from keras_local.layers.block import LocalBlock
-from keras_local.losses import pred_loss
+from keras_local.losses.maths import pred_loss
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ blocks ``LocalModel.compile`` therefore XLA-compiles only the optimiser update
 import keras
 import tensorflow as tf
 
-from keras_local.distribute import device_scope
+from keras_local.run.distribute import device_scope
 from keras_local.steps import rule
 
 

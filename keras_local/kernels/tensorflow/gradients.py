@@ -27,9 +27,8 @@ control edge to the incoming gradient: TensorFlow's executor runs an op as soon 
 inputs exist, which would otherwise be during the forward pass (the map then stays alive
 until the backward pass reaches its consumer).
 
-Used only on the TensorFlow backend outside XLA (under XLA the compiler plans buffers
-itself and the plain expressions are used): callers ask ``active()``, which any backend
-may import (TensorFlow is imported only on the TensorFlow backend).
+Which of them applies where is decided by ``keras_local.kernels.tensorflow.TensorFlowPaths``;
+most only outside XLA (``active()``: under XLA the compiler plans buffers itself).
 """
 
 import contextlib
@@ -256,3 +255,25 @@ def x_hat_from_output(h, slope, gamma, beta, kept, kept_z, mean, rsqrt):
         return tf.gather(tf.concat([x_hat, kept_x_hat], axis=-1), source, axis=-1)
 
     return tf.cond(tf.size(kept) > 0, with_kept_channels, lambda: x_hat)
+
+
+def leaky_relu_with_output_gradient(x, slope):
+    """LeakyReLU whose gradient reads its output, not its input (TensorFlow).
+
+    TensorFlow's LeakyReluGrad reads the op's input (here the BatchNorm output), so
+    training kept that map alive next to h; for a positive slope the output has the
+    input's sign, so the same kernel given the output computes the same gradient and
+    the BatchNorm output is freed once h exists (one feature map less per block).
+    """
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def leaky_relu(x):
+        y = tf.nn.leaky_relu(x, alpha=slope)
+
+        def gradient(dy):
+            return tf.raw_ops.LeakyReluGrad(gradients=dy, features=y, alpha=slope)
+
+        return y, gradient
+
+    return leaky_relu(x)

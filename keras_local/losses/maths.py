@@ -6,7 +6,7 @@ Inputs are channels-last (NHWC) feature maps or (batch, features) matrices.
 
 from keras import ops
 
-from keras_local import tf_gradients
+from keras_local.kernels import fast_paths
 
 NORM_EPSILON = 1e-8
 
@@ -20,8 +20,9 @@ def spatial_std(x):
     batch, height, width, channels = _static_shape(x)
     positions = height * width
     flat = ops.reshape(x, (-1, positions, channels))
-    if tf_gradients.active():  # same values; keeps one full-size map less in training
-        return tf_gradients.spatial_std(flat)
+    fast = fast_paths().spatial_std(flat)  # same values; one full-size map less kept
+    if fast is not None:
+        return fast
     centred = flat - ops.mean(flat, axis=1, keepdims=True)
     variance = ops.sum(ops.square(centred), axis=1) / (positions - 1)
     positive = variance > 0

@@ -15,7 +15,7 @@ A run directory (``<save_dir>/<dataset>_<model>_<mode>_<time>``) holds:
   export/                SavedModel + ONNX + metadata of the inference network
   run.lock               held (flock) by the process training in the directory
 
-A resumed run continues from what is on disk and never deletes it (``keras_local.resume``).
+A resumed run continues from what is on disk and never deletes it (``keras_local.run.resume``).
 """
 
 import contextlib
@@ -28,9 +28,9 @@ import warnings
 
 import keras
 
-from keras_local.json_files import WriteError, read_json_file, write_json_atomically
+from keras_local.run.json_files import WriteError, read_json_file, write_json_atomically
 from keras_local.models import list_models
-from keras_local.callbacks import (
+from keras_local.run.callbacks import (
     AtomicCheckpoint,
     CompactProgbar,
     HParamsSummary,
@@ -60,7 +60,7 @@ from keras_local.data.pipeline import (
 )
 from keras_local.models.local_model import LocalModel
 from keras_local.models.local_model import check_network_support
-from keras_local.resume import restore
+from keras_local.run.resume import restore
 
 
 class NotARunError(ValueError):
@@ -111,7 +111,7 @@ def resolve_resume(config):
 def check_run_size(config):
     """ModelFileError (one line) when the run's model, heads and optimiser slots included,
     exceeds the parameter bound or the memory available; checked before anything is built."""
-    from keras_local.model_files import check_model_size
+    from keras_local.run.model_files import check_model_size
 
     info = dataset_info(config)
     source = (f"--resume {config.resume}: config.json" if config.resume
@@ -119,7 +119,7 @@ def check_run_size(config):
     estimate = check_model_size(config.model, info.input_shape, info.num_classes, config,
                                 source=source)
     if config.resume:
-        from keras_local.model_files import check_resume_states
+        from keras_local.run.model_files import check_resume_states
 
         check_resume_states(config.resume, estimate)
 
@@ -278,7 +278,7 @@ def _preprocessing(config, input_shape, num_classes):
 def make_run_strategy(config):
     """The tf.distribute strategy of the run (None on JAX / torch, which run on one device)."""
     if config.backend == "tensorflow":
-        from keras_local.distribute import make_strategy
+        from keras_local.run.distribute import make_strategy
 
         return make_strategy(config)
     if config.strategy not in ("auto", "one") or config.placement != "none":
@@ -327,7 +327,7 @@ def prepare(config):
 
 
 def _distribute():
-    from keras_local import distribute
+    from keras_local.run import distribute
 
     return distribute
 

@@ -24,7 +24,7 @@ import json
 import os
 import zipfile
 
-from keras_local.json_files import parse_json_bytes, read_json_file, write_atomically
+from keras_local.run.json_files import parse_json_bytes, read_json_file, write_atomically
 
 CHECKPOINT_STATE = "keras_local_state.json"  # extra member of checkpoints/last.keras
 BACKUP_WEIGHTS = os.path.join("backup", "latest.weights.h5")
@@ -122,7 +122,7 @@ def config_changes(checkpoint, model):
     """'field old -> new, ...' where the network stored in ``checkpoint`` differs from
     ``model`` (built from config.json); '' when they agree or the checkpoint's config
     cannot be read (loading it then reports why)."""
-    from keras_local.model_files import ModelFileError, read_keras_config
+    from keras_local.run.model_files import ModelFileError, read_keras_config
 
     try:
         stored = read_keras_config(checkpoint)["config"]

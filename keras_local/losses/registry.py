@@ -1,6 +1,6 @@
 """The registry of local losses: name -> the heads a block needs, the terms it reports,
 and how it combines them. Free of Keras imports, so that the CLI can list the names
-before a backend is chosen; the maths lives in ``keras_local.losses`` and the heads.
+before a backend is chosen; the maths lives in ``keras_local.losses.maths`` and the heads.
 
 Researchers add a loss with ``@register_local_loss(name, heads=(...), metrics=(...))``
 in their own module (``train.py --plugin MODULE`` imports it), then select it by name
@@ -87,7 +87,7 @@ def _sim(x):
 
 @register_local_loss("predsim", heads=("pred", "sim"))
 def _predsim(x):
-    from keras_local.losses import predsim_loss  # Keras maths; imported when training
+    from keras_local.losses.maths import predsim_loss  # Keras maths; imported when training
 
     pred, scores = x.heads["pred"].loss_and_scores(x.h, x.labels_onehot, x.summary("pred"))
     sim = x.heads["sim"].loss(x.h, x.labels_onehot, x.summary("sim"))

@@ -9,8 +9,8 @@ over weights, moments and gradient, its epsilon rescaled so that the update is P
 (below). AMSGrad and SGD are small XLA kernels (AMSGrad's are loops, XLA's CPU fusions:
 moments, maximum, weights).
 
-Used by ``keras_local.optimizers`` when the backend is TensorFlow, no tf.distribute
-strategy is active and no GPU is present (``applies``); elsewhere the optimisers run their backend-agnostic ops.
+Used by ``keras_local.optimizers`` through ``keras_local.kernels.fast_paths`` (no
+tf.distribute strategy, no GPU); elsewhere the optimisers run their backend-agnostic ops.
 Inside an XLA-compiled step (the dense networks' default, the conv networks' compiled
 update) the kernel is inlined into the enclosing computation. The formulas are those of
 ``TorchAdam`` / ``TorchSGD`` (tests/test_optimizers.py checks both against torch.optim's).
@@ -19,14 +19,11 @@ update) the kernel is inlined into the enclosing computation. The formulas are t
 import tensorflow as tf
 
 
-def applies(*variables):
-    """The tf.Variables behind Keras ``variables`` when the fused kernels can update them
-    (TensorFlow backend, no strategy, no GPU); None otherwise. None entries (absent slots)
-    stay None. Under a strategy the optimiser updates per-replica components that these
-    kernels do not resolve. Their benefit was measured on CPUs only: with a GPU present
-    the optimisers run their backend-agnostic ops."""
-    if tf.distribute.has_strategy() or tf.config.list_physical_devices("GPU"):
-        return None
+def tf_variables(*variables):
+    """The tf.Variables behind Keras ``variables``, or None when one of them has none (a
+    strategy's per-replica variables, which these kernels do not resolve). None entries
+    (absent slots) stay None. Whether the kernels apply at all is decided by
+    ``keras_local.kernels.tensorflow.TensorFlowPaths.fused_updates``."""
     resolved = [v if v is None or isinstance(v, tf.Variable) else getattr(v, "value", v)
                 for v in variables]
     if not all(v is None or isinstance(v, tf.Variable) for v in resolved):

@@ -17,43 +17,20 @@ over the chunks, one chunk at a time:
 The block then holds its input, h, the sim maps or dy (together one map) and a few
 chunk-sized temporaries, where autodiff held about three more full-size maps (the two
 heads' input gradients, BatchNorm's temporaries). x_hat is rebuilt from h as in
-``tf_gradients.batch_norm_leaky_relu``. Same values and gradients as autodiff to float32
-rounding (tests/test_tf_chunked_block.py). Used where ``applies`` says so: TensorFlow
-outside XLA (``tf_gradients.active``), training with labels, and the common block shape
-(conv 'same' stride 1, BatchNorm, LeakyReLU, pred/sim/predsim heads, not bio), on CPUs:
-with a GPU present (its benefit was measured on CPUs only) the block takes autodiff.
+``gradients.batch_norm_leaky_relu``. Same values and gradients as autodiff to float32
+rounding (tests/test_tf_chunked_block.py). Where it applies is decided by
+``keras_local.kernels.tensorflow.TensorFlowPaths.chunks_block``.
 
 Each pass over the chunks is one ``tf.while_loop`` (``_for_chunks``), its body traced once,
 one chunk at a time; its lists (TensorArrays) hold the chunks' sim maps and dy.
 """
 
-from keras_local import tf_gradients, tf_winograd
-from keras_local.losses import uses_spatial_std
+from keras_local.kernels.tensorflow import gradients, winograd
 
 # The backward pass's chunks (empty ones where the batch is smaller). Fewer chunks for
 # blocks with small maps measured higher peaks, not lower (vgg13, 32x32x3, batch 128: 113
 # MiB with 8 chunks in every block, 173 with chunks of at most 4 MiB, 203 with 2 MiB).
 CHUNKS = 8
-SUPPORTED_LOSSES = ("pred", "sim", "predsim")
-
-
-def applies(block, inputs):
-    """Whether ``block_forward`` can train ``block`` on ``inputs`` (see the module doc)."""
-    if not (tf_gradients.active() and block.kind == "conv" and block.strides == 1
-            and block.bn is not None and block.nonlin == "leakyrelu" and not block.bio
-            and block.local_loss_name in SUPPORTED_LOSSES and block.unsup_loss_spec is None
-            and not block.alpha and len(inputs.shape) == 4
-            and None not in tuple(inputs.shape[1:])
-            and block.bn.fuses_leaky_relu(inputs)):
-        return False
-    import tensorflow as tf
-
-    if tf.config.list_physical_devices("GPU"):  # measured on CPUs only
-        return False
-    if "sim" in block.heads:  # S must read the sim map's spatial std, not the map itself
-        _, height, width, _ = inputs.shape
-        return uses_spatial_std((None, height, width, block.width), block.similarity_std)
-    return True
 
 
 def block_forward(block, inputs):
@@ -83,9 +60,9 @@ def block_forward(block, inputs):
         z = conv(w["x"], w["kernel"])
         if "bias" in w:
             z = tf.nn.bias_add(z, w["bias"])
-        # Precise batch statistics (tf_gradients.moments), then the fused kernel in
+        # Precise batch statistics (gradients.moments), then the fused kernel in
         # inference mode normalises with them; the backward pass below is this block's own.
-        mean, variance = tf_gradients.moments(z)
+        mean, variance = gradients.moments(z)
         y, _, _ = tf.compat.v1.nn.fused_batch_norm(
             z, w["gamma"], w["beta"], mean=mean, variance=variance, epsilon=epsilon,
             data_format="NHWC", is_training=False)
@@ -93,7 +70,7 @@ def block_forward(block, inputs):
         count = tf.cast(tf.size(z) // tf.size(mean), z.dtype)
         unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
         stats["mean"], stats["unbiased"] = mean, unbiased
-        kept = tf_gradients.kept_channels(w["gamma"], w["beta"])
+        kept = gradients.kept_channels(w["gamma"], w["beta"])
         kept_z = tf.gather(z, kept, axis=-1)  # (..., 0) in the usual case: no memory
         outputs = [h]
         if pred is not None:
@@ -101,7 +78,7 @@ def block_forward(block, inputs):
         if sim is not None:
             def sim_chunk(index, carried, arrays):
                 sim_map = conv(_chunk(h, index), w["sim_kernel"])
-                std, sim_mean = tf_gradients.std_forward(_positions(sim_map))
+                std, sim_mean = gradients.std_forward(_positions(sim_map))
                 return carried, [array.write(index, value) for array, value
                                  in zip(arrays, (sim_map, std, sim_mean))]
 
@@ -118,7 +95,7 @@ def block_forward(block, inputs):
             rsqrt = tf.math.rsqrt(variance + epsilon)
 
             def x_hat(index):
-                return tf_gradients.x_hat_from_output(
+                return gradients.x_hat_from_output(
                     _chunk(h, index), slope, w["gamma"], w["beta"], kept,
                     _chunk(kept_z, index), mean, rsqrt)
 
@@ -147,7 +124,7 @@ def block_forward(block, inputs):
                     # chunk (the list is carried through this loop, not captured by it).
                     arrays = [arrays[0], arrays[1].write(index, sim_map[:0])]
                     flat = _positions(sim_map)
-                    dmap = tf.reshape(tf_gradients.std_gradient(
+                    dmap = tf.reshape(gradients.std_gradient(
                         flat, sim_means.read(index), stds.read(index),
                         _chunk(upstream["sim"], index)), tf.shape(sim_map))
                     terms.append(sim_input_gradient(h_chunk, dmap))
@@ -155,8 +132,8 @@ def block_forward(block, inputs):
                         h_chunk, w["sim_kernel"], dmap)
                 dh = _sum(terms) if terms else tf.zeros_like(h_chunk)
                 dy = tf.raw_ops.LeakyReluGrad(gradients=dh, features=h_chunk, alpha=slope)
-                sums["beta"] = sums["beta"] + tf_gradients.channel_sum(dy)
-                sums["gamma"] = sums["gamma"] + tf_gradients.channel_sum(dy * x_hat(index))
+                sums["beta"] = sums["beta"] + gradients.channel_sum(dy)
+                sums["gamma"] = sums["gamma"] + gradients.channel_sum(dy * x_hat(index))
                 return sums, [arrays[0].write(index, dy)] + arrays[1:]
 
             sums = {"beta": tf.zeros_like(w["beta"]), "gamma": tf.zeros_like(w["gamma"])}
@@ -206,7 +183,7 @@ def block_forward(block, inputs):
         return outputs, gradient
 
     outputs = forward(*args)
-    bn._assign_moving_statistics(tf.stop_gradient(stats["mean"]),
+    bn.assign_moving_statistics(tf.stop_gradient(stats["mean"]),
                                  tf.stop_gradient(stats["unbiased"]))
     h, summaries = outputs[0], {}
     rest = list(outputs[1:])
@@ -239,8 +216,8 @@ def conv_filter_gradient(x, kernel, gradient):
     of its output."""
     import tensorflow as tf
 
-    if tf_winograd.pays(x.shape, kernel.shape):
-        return tf_winograd.filter_gradient(x, gradient)
+    if winograd.pays(x.shape, kernel.shape):
+        return winograd.filter_gradient(x, gradient)
     return tf.compat.v1.nn.conv2d_backprop_filter(
         x, tf.shape(kernel), gradient, [1, 1, 1, 1], "SAME")
 

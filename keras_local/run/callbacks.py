@@ -11,7 +11,7 @@ import time
 import keras
 import numpy as np
 
-from keras_local.optim import milestone_learning_rate
+from keras_local.optimizers import milestone_learning_rate
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,13 +73,13 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 def save_model_atomically(model, path, epochs_completed=None):
     """``model.save(path)`` whole or not at all (``json_files.write_atomically``: a full
     disk raises WriteError and leaves the previous file); ``epochs_completed`` is recorded
-    inside the archive (``keras_local.resume``), so a model and its epoch never disagree."""
-    from keras_local.json_files import WriteError, write_atomically
+    inside the archive (``keras_local.run.resume``), so a model and its epoch never disagree."""
+    from keras_local.run.json_files import WriteError, write_atomically
 
     def write(temporary):
         model.save(temporary)
         if epochs_completed is not None:
-            from keras_local.resume import record_checkpoint_epochs
+            from keras_local.run.resume import record_checkpoint_epochs
 
             record_checkpoint_epochs(temporary, epochs_completed)
 
@@ -265,7 +265,7 @@ class SimilarityImages(keras.callbacks.Callback):
 
     def __init__(self, log_dir, images, labels, num_classes, scale=4):
         super().__init__()
-        from keras_local.losses import similarity_matrix
+        from keras_local.losses.maths import similarity_matrix
 
         self.log_dir = log_dir
         self.images = images
@@ -283,7 +283,7 @@ class SimilarityImages(keras.callbacks.Callback):
         import tensorflow as tf
 
         from keras_local.layers.block import LocalBlock
-        from keras_local.losses import similarity_matrix
+        from keras_local.losses.maths import similarity_matrix
 
         h = self.images
         with self.writer.as_default():

@@ -17,7 +17,7 @@ import os
 import zipfile
 
 from keras_local.config import Config
-from keras_local.json_files import JSONFileError, parse_json_bytes
+from keras_local.run.json_files import JSONFileError, parse_json_bytes
 
 # Every variable of the model, heads included: the paper's largest network, vgg11b (3x)
 # on CIFAR-10, has 192M with its heads; every registered architecture at its defaults
@@ -283,7 +283,7 @@ def check_resume_states(run_dir, estimate):
     """Refuse to resume ``run_dir`` when its checkpoint is a readable ``.keras`` file whose
     weights cannot hold the variables ``config.json`` declares (config.json was changed):
     the model would otherwise be built before restoring fails. An unreadable checkpoint is
-    left to ``keras_local.resume``, which names it."""
+    left to ``keras_local.run.resume``, which names it."""
     checkpoint = os.path.join(run_dir, "checkpoints", "last.keras")
     held = _keras_weights_bytes(checkpoint) if os.path.isfile(checkpoint) else None
     needed = BYTES_PER_VARIABLE * estimate.variables
