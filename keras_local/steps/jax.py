@@ -75,7 +75,7 @@ class JaxExecutor(rule.SequentialSchedule):
     def stop_gradient(self, outputs, after):
         return rule.stop_gradient_structure(outputs, ops.stop_gradient)
 
-    def apply(self, grads, variables):
+    def apply(self, grads, variables, step=None):
         by_id = {id(v): g for v, g in zip(variables, grads)}
         trainable_variables = self.model.trainable_variables
         grads = [by_id.get(id(v), ops.zeros_like(value))

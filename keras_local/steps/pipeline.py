@@ -134,7 +134,10 @@ class PipelineExecutor(TensorFlowExecutor):
     def __init__(self, model):
         super().__init__(model, per_segment_apply=False)
         self.buffers = model.pipeline_buffers
-        self.stages_of = {}  # id(variable) -> (its stage's 'valid' flag or None, its device)
+        # What apply needs of the stage that owns a variable, recorded by gradients:
+        # variable path -> stage name, and stage name -> ('valid' flag or None, device).
+        self.stage_of = {}
+        self.stages = {}
         # Every boundary is read before any stage writes one (automatic control
         # dependencies keep this program order for each buffer variable).
         self.feeds = [boundary.read() for boundary in self.buffers.boundaries]
@@ -145,7 +148,8 @@ class PipelineExecutor(TensorFlowExecutor):
         return self.feeds[index - 1]
 
     def gradients(self, loss_fn, segment, variables, inputs, valid=None):
-        self.stages_of.update({id(variable): (valid, segment.device) for variable in variables})
+        self.stages[segment.name] = (valid, segment.device)
+        self.stage_of.update({variable.path: segment.name for variable in variables})
         compute = lambda: _flat(super(PipelineExecutor, self).gradients(  # noqa: E731
             loss_fn, segment, variables, inputs))
         if valid is None:
@@ -183,11 +187,12 @@ class PipelineExecutor(TensorFlowExecutor):
         # there once, not sent from the counter's device for every variable.
         optimizer = self.model.optimizer
         update_at = getattr(optimizer, "update_step_at", None)
-        stages = {}
+        pairs_of = {}
         for grad, variable in zip(grads, variables):
-            valid, device = self.stages_of.get(id(variable), (None, None))
-            stages.setdefault((id(valid), device), (valid, device, []))[2].append((grad, variable))
-        for valid, device, pairs in stages.values():
+            pairs_of.setdefault(self.stage_of.get(variable.path), []).append((grad, variable))
+        for stage, pairs in pairs_of.items():
+            valid, device = self.stages.get(stage, (None, None))
+
             def update(pairs=pairs):
                 learning_rate = tf.identity(optimizer.learning_rate)
                 step = optimizer.iterations + 1 if update_at is not None else None

@@ -14,13 +14,14 @@ input arrives with its gradient stopped (``plan``):
   every block's local loss.
 
 Every loss is multiplied by the executor's ``replica_scale`` (1 / replicas: Keras sums
-gradients over tf.distribute replicas). An *executor* (``keras_local.steps.tensorflow``,
+gradients over tf.distribute replicas). An *executor* (``Executor``: ``keras_local.steps.tensorflow``,
 ``.jax``, ``.torch``, ``.pipeline``) supplies only the backend's mechanics: the gradient
 of a segment's loss with respect to the segment's variables, a gradient stop, running a
 stateful function, and applying the optimiser's updates.
 """
 
 import dataclasses
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import keras
 from keras import ops
@@ -53,6 +54,48 @@ class Segment:
         for layer in self.layers:
             shape = tuple(layer.compute_output_shape(shape))
         return shape
+
+
+class Executor(Protocol):
+    """What ``train`` and ``evaluate`` need of a backend; one implementation per executor
+    module. Tensors and variables are the backend's; ``valid`` is None except in the
+    pipelined executor, where it is the boolean flag of a stage whose input may be empty.
+    """
+
+    #: Every loss is multiplied by it (1 / replicas: Keras sums gradients over replicas).
+    replica_scale: float
+    #: True: each segment's gradients are applied as soon as they exist
+    #: (``begin_updates`` once, then ``apply(..., step=start)`` per segment).
+    per_segment_apply: bool
+
+    def device_scope(self, device: Optional[str]) -> Any:
+        """A context manager placing what runs inside on ``device`` (None: anywhere)."""
+
+    def segment_input(self, index: int, previous: Any, labels_onehot: Any) -> tuple:
+        """(inputs, one-hot labels, valid) of segment ``index``; ``previous`` is the
+        stopped output of segment ``index - 1`` in this step."""
+
+    def gradients(self, loss_fn: Callable, segment: Segment, variables: Sequence,
+                  inputs: Any, valid: Any = None) -> tuple:
+        """(output, gradients of ``variables``) of ``loss_fn(inputs) -> (loss, output)``;
+        a zero gradient, never None, for a variable the loss does not reach."""
+
+    def stop_gradient(self, outputs: Any, after: Sequence) -> Any:
+        """``outputs`` with no gradient flowing back, available only after ``after``."""
+
+    def apply(self, grads: Sequence, variables: Sequence, step: Any = None) -> Any:
+        """The optimiser's update of ``variables``; ``step``: the counter every
+        per-segment apply of this training step sees (None: one apply per step).
+        Returns what ``stop_gradient(..., after=)`` may wait for."""
+
+    def begin_updates(self) -> Any:
+        """The optimiser's step counter before this step's first per-segment apply."""
+
+    def run(self, function: Callable, when: Any = None) -> Any:
+        """``function()``, stateful (metrics, dropout); only where ``when`` is true."""
+
+    def segment_outputs(self, outputs: list) -> None:
+        """Called once with every segment's (output, labels, valid) of the step."""
 
 
 def plan(model):
@@ -116,7 +159,7 @@ def split_batch(model, data):
     return inputs, ops.one_hot(labels, model.num_classes)
 
 
-def train(model, executor, inputs, labels_onehot):
+def train(model, executor: Executor, inputs, labels_onehot):
     """One update of ``model`` through ``executor``; returns the step's logs.
 
     With ``executor.per_segment_apply`` each segment's gradients are applied as soon as
@@ -125,7 +168,7 @@ def train(model, executor, inputs, labels_onehot):
     next segment runs; otherwise all gradients are applied once at the end. Both give the
     same weights (segments own disjoint variables; tests/test_rule.py).
     """
-    per_segment = getattr(executor, "per_segment_apply", False)
+    per_segment = executor.per_segment_apply
     start = executor.begin_updates() if per_segment else None
     all_grads, all_variables = [], []
     previous = inputs
@@ -162,7 +205,7 @@ def train(model, executor, inputs, labels_onehot):
     return executor.run(model.metric_results)
 
 
-def evaluate(model, executor, inputs, labels_onehot):
+def evaluate(model, executor: Executor, inputs, labels_onehot):
     """One evaluation batch: output metrics in inference mode; returns loss and error."""
 
     def update():
@@ -173,7 +216,14 @@ def evaluate(model, executor, inputs, labels_onehot):
 
 
 class SequentialSchedule:
-    """Segment k reads segment k-1's output of this step (every non-pipelined executor)."""
+    """Segment k reads segment k-1's output of this step (every non-pipelined executor);
+    all gradients are applied once at the end unless an executor says otherwise."""
+
+    per_segment_apply = False
+
+    def begin_updates(self):
+        raise NotImplementedError("per-segment applies: set per_segment_apply and "
+                                  "implement begin_updates")
 
     def segment_input(self, index, previous, labels_onehot):
         return previous, labels_onehot, None

@@ -29,7 +29,7 @@ class TorchExecutor(rule.SequentialSchedule):
     def stop_gradient(self, outputs, after):
         return rule.stop_gradient_structure(outputs, lambda t: t.detach())
 
-    def apply(self, grads, variables):
+    def apply(self, grads, variables, step=None):
         with torch.no_grad():
             self.model.optimizer.apply(grads, variables)
 
