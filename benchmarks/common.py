@@ -41,14 +41,16 @@ REFERENCE_ARGS = {
     "vgg11b": (["--model", "vgg11b", "--dataset", "CIFAR10", "--nonlin", "leakyrelu",
                 "--dropout", "0.2", "--dim-in-decoder", "2048"], 6, 2),
 }
-REFERENCE_HELP = ("folder with the authors' script set up as in docs/benchmarks.md section 1 "
-                  "(train.py, bench.py, venv/); default: $KERAS_LOCAL_REFBENCH")
 
 
 # ------------------------------------------------------------------ arguments
 def add_reference_argument(parser, default_from_env=True):
-    default = (os.environ.get("KERAS_LOCAL_REFBENCH") or None) if default_from_env else None
-    parser.add_argument("--reference", metavar="W", default=default, help=REFERENCE_HELP)
+    text = ("folder with the authors' script set up as in docs/benchmarks.md section 1 "
+            "(train.py, bench.py, venv/)")
+    default = os.environ.get("KERAS_LOCAL_REFBENCH") or None if default_from_env else None
+    if default_from_env:
+        text += "; default: $KERAS_LOCAL_REFBENCH"
+    parser.add_argument("--reference", metavar="W", default=default, help=text)
 
 
 def fail(message):
@@ -65,21 +67,6 @@ def check_reference(parser, folder, needed):
 
 
 # ------------------------------------------------------------------ models
-def recipe_options(name, num_hidden=None, feat_mult=None, modules=None, **overrides):
-    """(architecture, input shape, Config options) of ``MODELS[name]`` with the scripts'
-    width overrides (None keeps the recipe's value)."""
-    architecture, input_shape, recipe = MODELS[name]
-    options = dict(recipe)
-    if num_hidden is not None and architecture == "mlp":
-        options["num_hidden"] = num_hidden
-    if feat_mult is not None and architecture != "mlp":
-        options["feat_mult"] = feat_mult
-    if modules is not None:
-        options["modules"] = modules
-    options.update(overrides)
-    return architecture, input_shape, options
-
-
 def compile_for_xla(model, xla):
     """``model.compile`` with the XLA choice ``xla`` (XLA_CHOICES): "auto" is what a
     training run does (``LocalModel.compile`` with ``Config.jit_compile``), "none" no XLA,
@@ -115,12 +102,14 @@ def build_network(architecture, input_shape, mode, xla, batch_size, **options):
 def build(name, mode, xla, args, **overrides):
     """``build_network`` for ``MODELS[name]``; ``args`` carries batch_size and optionally
     num_hidden, feat_mult, modules, precision and backend."""
-    architecture, input_shape, options = recipe_options(
-        name, getattr(args, "num_hidden", None), getattr(args, "feat_mult", None),
-        getattr(args, "modules", None), **overrides)
-    options.update({key: getattr(args, key) for key in ("precision", "backend")
-                    if hasattr(args, key)})
-    return build_network(architecture, input_shape, mode, xla, args.batch_size, **options)
+    architecture, input_shape, recipe = MODELS[name]
+    options = {key: getattr(args, key) for key in ("precision", "backend", "modules")
+               if getattr(args, key, None) is not None}
+    width = "num_hidden" if architecture == "mlp" else "feat_mult"
+    if getattr(args, width, None) is not None:
+        options[width] = getattr(args, width)
+    return build_network(architecture, input_shape, mode, xla, args.batch_size,
+                         **{**recipe, **options, **overrides})
 
 
 def cached_batches(input_shape, batch_size, num_classes=NUM_CLASSES):
@@ -168,6 +157,19 @@ def reference_python(folder):
     """The reference folder's venv python, else this one."""
     python = os.path.join(folder, "venv", "bin", "python")
     return python if os.path.exists(python) else sys.executable
+
+
+def load_reference_setup():
+    """The namespace of the authors' train.py (in the working directory) after its
+    module-level code up to the training loop: arguments (from ``sys.argv``), datasets,
+    model, optimisers, ``train`` and ``test``. For the harnesses run in its venv."""
+    source = open("train.py").read()
+    marker = "''' The main training and testing loop '''"
+    if marker not in source:
+        raise SystemExit("train.py: not the authors' script (no training-loop marker)")
+    namespace = {"__name__": "train_module", "__file__": "train.py"}
+    exec(compile(source.split(marker)[0], "train.py", "exec"), namespace)
+    return namespace
 
 
 def run_bench(folder, name, mode, batch_size, batches=None, warmup=None, num_hidden=None):

@@ -61,8 +61,14 @@ def test_xla_choices_go_through_the_library_policy():
     optimiser update for a conv net); update / step ask the library for that part."""
     common = benchmarks_module("common")
     args = type("Args", (), {"batch_size": 4, "num_hidden": 8, "feat_mult": 1 / 32})
-    parts = {(name, xla): common.xla_resolved(common.build(name, "predsim", xla, args))
-             for name in ("mlp", "vgg8b") for xla in common.XLA_CHOICES}
+    models = {(name, xla): common.build(name, "predsim", xla, args)
+              for name in ("mlp", "vgg8b") for xla in common.XLA_CHOICES}
+    parts = {key: common.xla_resolved(model) for key, model in models.items()}
+    # the recipe's options, with the width override that fits each family
+    mlp, vgg = models["mlp", "auto"].config, models["vgg8b", "auto"].config
+    assert (mlp.num_hidden, mlp.num_layers, mlp.dropout, mlp.nonlin) == (8, 3, 0.025, "leakyrelu")
+    assert (vgg.feat_mult, vgg.dim_in_decoder, vgg.dropout) == (1 / 32, 1024, 0.1)
+    assert vgg.num_hidden != 8 and mlp.feat_mult != 1 / 32
     assert parts == {("mlp", "auto"): "step", ("vgg8b", "auto"): "update",
                      ("mlp", "none"): "none", ("vgg8b", "none"): "none",
                      ("mlp", "update"): "update", ("vgg8b", "update"): "update",
