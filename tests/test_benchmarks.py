@@ -108,6 +108,21 @@ def test_throughput_rejects_a_reference_without_bench_py(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # trains the quick mlp in a subprocess, about 20 s
+def test_throughput_side_by_side_with_a_stand_in_reference(tmp_path):
+    """A stand-in bench.py reports 1000 images/s: the table and JSON give keras-local's
+    median beside it and their ratio."""
+    (tmp_path / "bench.py").write_text(
+        "import json\nprint('BENCH_JSON ' + json.dumps({'img_per_s_compute_only': 1000.0}))\n")
+    out = tmp_path / "side_by_side.json"
+    stdout = run_script("throughput.py", "--quick", "--reference", str(tmp_path), "--rounds",
+                        "1", "--modes", "predsim", "--json", str(out))
+    assert "reference img/s  keras-local img/s   ratio" in stdout
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["reference_images_per_s"] == [1000.0] and result["xla_resolved"] == "step"
+    assert result["ratio"] == pytest.approx(result["keras_local_median"] / 1000.0)
+
+
 def test_throughput_unknown_backend_step_fails_clearly(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run(
