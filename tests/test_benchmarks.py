@@ -99,15 +99,6 @@ def test_run_bench_passes_the_recipe_and_mode_to_the_authors_bench(tmp_path):
     assert "--dim-in-decoder" in result["argv"]
 
 
-def test_throughput_rejects_a_reference_without_bench_py(tmp_path):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"),
-                           "--reference", str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    assert done.returncode == 2 and "no bench.py there" in done.stderr
-    assert "Traceback" not in done.stderr
-
-
 @pytest.mark.slow  # trains the quick mlp in a subprocess, about 20 s
 def test_throughput_side_by_side_with_a_stand_in_reference(tmp_path):
     """A stand-in bench.py reports 1000 images/s: the table and JSON give keras-local's
@@ -315,9 +306,11 @@ def test_startup_times_another_xla_choice(tmp_path):
     assert done.returncode == 2 and "--xla: invalid choice: 'all'" in done.stderr
 
 
-def test_startup_rejects_a_reference_without_bench_py(tmp_path):
+@pytest.mark.parametrize("script", ["throughput.py", "startup.py"])
+def test_a_reference_without_bench_py_is_one_clear_error(tmp_path, script):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "startup.py"),
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script),
                            "--reference", str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 2 and "no bench.py there" in done.stderr
+    assert "Traceback" not in done.stderr
