@@ -24,7 +24,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report_json import write_json  # noqa: E402
+from common import save_figure, write_json  # noqa: E402
 
 
 def parse_args(argv):
@@ -133,10 +133,8 @@ def plot(runs, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    partial = path + ".partial.png"
-    fig.savefig(partial, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(partial, path)
 
 
 def main(argv=None):

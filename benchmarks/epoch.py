@@ -33,23 +33,19 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report_json import tagged_json, write_json  # noqa: E402
-from throughput import hardware  # noqa: E402
+from common import (REFERENCE_ARGS, add_reference_argument, check_reference,  # noqa: E402
+                    hardware, loads_line, reference_python, tagged_json, write_json)
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = "fashion_mnist-mlp-predsim"
-REFERENCE_FLAGS = ["--model", "mlp", "--dataset", "FashionMNIST", "--num-layers", "3",
-                   "--num-hidden", "1024", "--nonlin", "leakyrelu", "--dropout", "0.025",
-                   "--lr", "5e-4", "--batch-size", "128", "--no-cuda", "--save-dir", "",
-                   "--epochs", "1"]
+REFERENCE_FLAGS = REFERENCE_ARGS["mlp"][0] + ["--lr", "5e-4", "--batch-size", "128",
+                                              "--no-cuda", "--save-dir", "", "--epochs", "1"]
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--reference", default=os.environ.get("KERAS_LOCAL_REFBENCH"),
-                   help="folder with the authors' train.py set up as in "
-                        "docs/benchmarks.md section 1 (default: $KERAS_LOCAL_REFBENCH)")
+    add_reference_argument(p)
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist",
                    help="Fashion-MNIST IDX files for keras-local")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds")
@@ -57,9 +53,7 @@ def parse_args(argv):
                    help="keras-local epochs per round (the ratio uses epochs 2..E)")
     p.add_argument("--json", default=os.path.join(REPOSITORY, "docs", "epoch.json"))
     args = p.parse_args(argv)
-    if not args.reference or not os.path.isfile(os.path.join(args.reference, "train.py")):
-        p.error(f"--reference {args.reference!r}: no train.py there; set up the authors' "
-                f"script as in docs/benchmarks.md section 1")
+    check_reference(p, args.reference, "train.py")
     if not os.path.isfile(os.path.join(args.data_dir, "train-images-idx3-ubyte.gz")):
         p.error(f"--data-dir {args.data_dir!r}: no Fashion-MNIST IDX files there "
                 f"(apt-get install dataset-fashion-mnist)")
@@ -70,9 +64,7 @@ def parse_args(argv):
 
 def reference_epoch(folder):
     """One full epoch (train + test) of the authors' script: {"train_s", "test_s"}."""
-    python = os.path.join(folder, "venv", "bin", "python")
-    if not os.path.exists(python):
-        python = sys.executable
+    python = reference_python(folder)
     harness = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_epoch.py")
     done = subprocess.run([python, "-u", harness, *REFERENCE_FLAGS], cwd=folder,
                           capture_output=True, text=True)
@@ -127,8 +119,7 @@ def main(argv=None):
           f"seconds / keras-local seconds")
     print(f"CPU: {machine['cpu']} ({machine['cpu_cores']} cores); TensorFlow oneDNN kernels "
           f"in train.py: on unless TF_ENABLE_ONEDNN_OPTS=0 (keras_local.run.quiet)")
-    print("load average (1, 5, 15 min) before / after: "
-          + " / ".join(" ".join(f"{v:.2f}" for v in x) for x in (load_before, load_after)))
+    print(loads_line(load_before, load_after))
     payload = {"hardware": machine, "recipe": RECIPE, "rounds": args.rounds,
                "command": " ".join(["python", "benchmarks/epoch.py"] + sys.argv[1:]),
                "load_average_before": load_before, "load_average_after": load_after,

@@ -26,6 +26,9 @@ import tempfile
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import add_reference_argument, check_reference  # noqa: E402
+
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
 MEAN, STD = 0.286, 0.353  # Fashion-MNIST normalisation of the method
 RECIPES = {
@@ -37,9 +40,7 @@ RECIPES = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--reference", default=os.environ.get("KERAS_LOCAL_REFBENCH"),
-                   help="the reference folder (train.py, torchvision stand-in, venv/); "
-                        "default: $KERAS_LOCAL_REFBENCH")
+    add_reference_argument(p)
     p.add_argument("--python", default=None,
                    help="python with torch for the reference (default: REFERENCE/venv/bin/python)")
     p.add_argument("--model", default="vgg8b", choices=sorted(RECIPES))
@@ -49,9 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=DATA_DIR)
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
-    if not args.reference or not os.path.isfile(os.path.join(args.reference, "train.py")):
-        p.error(f"--reference {args.reference!r}: no train.py there; set up the authors' "
-                "script as in docs/benchmarks.md section 1")
+    check_reference(p, args.reference, "train.py")
     args.python = args.python or os.path.join(args.reference, "venv", "bin", "python")
     if not os.path.isfile(args.python):
         p.error(f"--python {args.python!r}: not a file")

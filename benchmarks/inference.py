@@ -28,7 +28,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report_json import write_json  # noqa: E402
+from common import loads_line, write_json  # noqa: E402
 
 MODELS = {
     "mlp": ("mlp", "fashion_mnist", dict(num_layers=3, num_hidden=1024)),
@@ -163,8 +163,7 @@ def main(argv=None):
                     f"{cells[latency_batch]['p90_ms']:>9.2f}")
             line += "".join(f"{cells[b]['images_per_s']:>14.0f}" for b in throughput_batches)
             print(line)
-    load = tuple(" ".join(f"{v:.2f}" for v in x) for x in (load_before, load_after))
-    print(f"load average before / after: {load[0]} / {load[1]}")
+    print(loads_line(load_before, load_after, "load average before / after: "))
 
     payload = {"cpu_cores": os.cpu_count(), "load_average_before": load_before,
                "load_average_after": load_after, "onnx_bytes": sizes,

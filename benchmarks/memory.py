@@ -40,10 +40,9 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report_json import tagged_json, write_json  # noqa: E402
+from common import MODES, compile_for_xla, save_figure, tagged_json, write_json  # noqa: E402
 
 MODELS = ("vgg8b", "vgg11b", "vgg13", "vgg16", "vgg19", "resnet18", "wresnet16-4")
-MODES = ("predsim", "backprop")
 RECIPE = dict(dropout=0.2, nonlin="leakyrelu", dim_in_decoder=2048)
 MIB = 1024 * 1024
 
@@ -144,12 +143,7 @@ def child(model_name, mode, args):
                     **RECIPE)
     keras.utils.set_random_seed(config.seed)
     shape = (args.image_size, args.image_size, 3)
-    model = build_model(model_name, shape, 10, config)
-    if args.xla == "step":
-        model.compile(jit_compile=False)
-        model.jit_compile = True  # Keras compiles its whole train function with XLA
-    else:
-        model.compile(jit_compile=args.xla == "update")
+    model = compile_for_xla(build_model(model_name, shape, 10, config), args.xla)
     rng = np.random.default_rng(0)
     images = rng.standard_normal((args.batch_size,) + shape).astype("float32")
     labels = rng.integers(0, 10, args.batch_size).astype("int32")
@@ -245,7 +239,7 @@ def plot(results, path, title):
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -290,8 +284,6 @@ def main(argv=None):
                "recipe": RECIPE, "results": results, "summary": summary}
     write_json(args.json, payload)
     if args.plot:
-        if os.path.dirname(args.plot):
-            os.makedirs(os.path.dirname(args.plot), exist_ok=True)
         xla = {"update": "XLA: update only (default)", "none": "no XLA",
                "step": "XLA: whole step"}[args.xla]
         plot(results, args.plot, f"one training step, batch {args.batch_size}, "

@@ -17,7 +17,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report_json import write_json  # noqa: E402
+from common import build_network, cached_batches, time_variants, write_json  # noqa: E402
 
 ROWS = ("every", "4", "2", "1", "backprop")
 
@@ -40,24 +40,21 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ["KERAS_BACKEND"] = "tensorflow"
     import memory
-    import throughput
+    from keras_local.steps.rule import plan
 
     shape = (args.image_size, args.image_size, 3)
-    throughput.MODELS[args.model] = (args.model, shape, dict(feat_mult=args.feat_mult))
     load_before = os.getloadavg()
     results = []
     for row in args.rows:
         mode = "backprop" if row == "backprop" else "predsim"
         modules = None if row in ("every", "backprop") else int(row)
-        timing = argparse.Namespace(
-            num_hidden=None, batch_size=args.batch_size, precision="float32",
-            backend="tensorflow", feat_mult=args.feat_mult, modules=modules,
-            warmup_steps=2, window_seconds=args.window_seconds, windows=args.windows,
-            quick=False)
-        model = throughput.build(args.model, mode, "none", timing)
-        segments = len(__import__("keras_local.steps.rule", fromlist=["plan"]).plan(model))
-        (step_s, rates, _), = throughput.time_variants(
-            {"none": model}, throughput.cached_batches(shape, args.batch_size), timing).values()
+        timing = argparse.Namespace(batch_size=args.batch_size, warmup_steps=2, quick=False,
+                                    window_seconds=args.window_seconds, windows=args.windows)
+        model = build_network(args.model, shape, mode, "none", args.batch_size,
+                              feat_mult=args.feat_mult, modules=modules)
+        segments = len(plan(model))
+        (step_s, rates, _), = time_variants(
+            {"none": model}, cached_batches(shape, args.batch_size), timing).values()
         mem_args = argparse.Namespace(batch_size=args.batch_size, image_size=args.image_size,
                                       steps=1, xla="none", feat_mult=args.feat_mult,
                                       modules=modules)

@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 
+from common import load_reference_setup  # this script's folder, before the reference's
+
 sys.path.insert(0, os.getcwd())  # the folder's torchvision stand-in, as for train.py itself
 source_path, target_path, dtype_name = sys.argv[1:4]
 sys.argv = ["train.py"] + sys.argv[4:]
@@ -27,12 +29,7 @@ if dtype_name not in ("float32", "float64"):
     raise SystemExit(f"dtype {dtype_name!r}: choose float32 or float64")
 dtype = getattr(torch, dtype_name)
 torch.set_default_dtype(dtype)
-source = open("train.py").read()
-marker = "''' The main training and testing loop '''"
-if marker not in source:
-    raise SystemExit("train.py: not the authors' script (no training-loop marker)")
-namespace = {"__name__": "train_module", "__file__": "train.py"}
-exec(compile(source.split(marker)[0], "train.py", "exec"), namespace)
+namespace = load_reference_setup()
 model, optimizer = namespace["model"], namespace["optimizer"]
 
 given = np.load(source_path)

@@ -43,7 +43,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report_json import cpu_model, tagged_json, write_json  # noqa: E402
+from common import cpu_model, tagged_json, write_json  # noqa: E402
 
 ROWS = [
     # name, devices, mode, intra-op threads per device, XLA, in --quick

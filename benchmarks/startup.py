@@ -32,11 +32,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report_json import tagged_json, write_json  # noqa: E402
-from throughput import MODELS, REFERENCE_ARGS  # noqa: E402
+from common import (MODELS, REFERENCE_ARGS, XLA_CHOICES, add_reference_argument,  # noqa: E402
+                    build, check_reference, run_bench, tagged_json, write_json, xla_resolved)
 
 DEFAULT_MODELS = ("mlp", "vgg8b", "vgg11b", "resnet18")
-NUM_CLASSES = 10
 
 
 def parse_args(argv):
@@ -48,22 +47,20 @@ def parse_args(argv):
     p.add_argument("--num-hidden", type=int, default=None, help="mlp units (default: recipe)")
     p.add_argument("--feat-mult", type=float, default=None,
                    help="conv models' channel multiplier (default: the recipe's)")
-    p.add_argument("--xla", default="auto", choices=["auto", "update", "none", "step"],
+    p.add_argument("--xla", default="auto", choices=XLA_CHOICES,
                    help="auto: the library's choice (LocalModel.compile); update: XLA compiles "
                         "only the optimiser update; none; step: the whole step")
     p.add_argument("--trace", action="store_true",
                    help="split the first step into tracing and first run (an extra trace "
                         "of the step outside fit)")
-    p.add_argument("--reference", default=None, metavar="W",
-                   help="folder with the authors' train.py, bench.py and venv")
+    add_reference_argument(p, default_from_env=False)
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.steps < 1:
         p.error(f"--batch-size and --steps must be >= 1, got {args.batch_size} and {args.steps}")
-    if args.reference and not os.path.isfile(os.path.join(args.reference, "bench.py")):
-        p.error(f"--reference {args.reference}: no bench.py there "
-                f"(set it up as docs/benchmarks.md section 1 says)")
+    if args.reference:
+        check_reference(p, args.reference, "bench.py")
     return args
 
 
@@ -78,32 +75,19 @@ def child(args):
     import tensorflow as tf
 
     times["tensorflow"] = since()
-    import keras
+    import keras  # noqa: F401  (timed with keras-local's import)
     import numpy as np
 
-    from keras_local.config import Config
-    from keras_local.run.training import build_model
+    import keras_local.config  # noqa: F401
+    import keras_local.run.training  # noqa: F401
 
     times["keras_local"] = since()
-    architecture, input_shape, recipe = MODELS[args.child]
-    options = dict(recipe)
-    if args.num_hidden is not None and architecture == "mlp":
-        options["num_hidden"] = args.num_hidden
-    if args.feat_mult is not None and architecture != "mlp":
-        options["feat_mult"] = args.feat_mult
-    config = Config(model=architecture, batch_size=args.batch_size, **options)
-    keras.utils.set_random_seed(config.seed)
-    model = build_model(architecture, input_shape, NUM_CLASSES, config)
-    if args.xla == "auto":
-        model.compile()
-    else:  # as benchmarks/throughput.py's --xla: the same model, another XLA choice
-        model.compile(jit_compile=False)
-        model.xla_update = args.xla == "update"
-        model.jit_compile = args.xla == "step"
+    model = build(args.child, "predsim", args.xla, args)  # as throughput.py's --xla
+    input_shape = MODELS[args.child][1]
     times["built"] = since()
     rng = np.random.default_rng(0)
     images = rng.standard_normal((args.batch_size,) + tuple(input_shape)).astype("float32")
-    labels = rng.integers(0, NUM_CLASSES, args.batch_size).astype("int32")
+    labels = rng.integers(0, model.num_classes, args.batch_size).astype("int32")
     dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
     if args.trace:  # the same step outside fit: tracing, then its first run
         model.optimizer.build(model.trainable_variables)
@@ -126,7 +110,7 @@ def child(args):
         float(history.history["loss"][-1])
         steps.append(time.perf_counter() - started)
     times["steady_step_seconds"] = round(statistics.median(steps), 3)
-    times["xla"] = ("step" if model.jit_compile else "update" if model.xla_update else "none")
+    times["xla"] = xla_resolved(model)
     print("STARTUP_JSON " + json.dumps(times), flush=True)
 
 
@@ -149,17 +133,8 @@ def run_reference(name, args):
     """Wall time of ``bench.py 1 0`` (the authors' script to the end of its first step)."""
     if name not in REFERENCE_ARGS:
         return None
-    folder = os.path.abspath(args.reference)
-    python = os.path.join(folder, "venv", "bin", "python")
-    if not os.path.exists(python):
-        python = sys.executable
-    flags = REFERENCE_ARGS[name][0]
-    command = [python, "-u", "bench.py", "1", "0", *flags, "--batch-size",
-               str(args.batch_size), "--no-cuda", "--save-dir", ""]
-    started = time.time()
-    done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
-    seconds = time.time() - started
-    tagged_json(done, "BENCH_JSON", f"reference {name} ({' '.join(command)})")
+    _, seconds = run_bench(args.reference, name, "predsim", args.batch_size, batches=1,
+                           warmup=0)
     return round(seconds, 2)
 
 

@@ -48,6 +48,72 @@ def test_throughput_quick(tmp_path):
         assert check["max_weight_diff"] < 0.05 * check["max_update"]
 
 
+def benchmarks_module(name):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+
+
+def test_xla_choices_go_through_the_library_policy():
+    """auto is what a training run compiles (the whole step for a dense-only net, the
+    optimiser update for a conv net); update / step ask the library for that part."""
+    common = benchmarks_module("common")
+    args = type("Args", (), {"batch_size": 4, "num_hidden": 8, "feat_mult": 1 / 32})
+    models = {(name, xla): common.build(name, "predsim", xla, args)
+              for name in ("mlp", "vgg8b") for xla in common.XLA_CHOICES}
+    parts = {key: common.xla_resolved(model) for key, model in models.items()}
+    # the recipe's options, with the width override that fits each family
+    mlp, vgg = models["mlp", "auto"].config, models["vgg8b", "auto"].config
+    assert (mlp.num_hidden, mlp.num_layers, mlp.dropout, mlp.nonlin) == (8, 3, 0.025, "leakyrelu")
+    assert (vgg.feat_mult, vgg.dim_in_decoder, vgg.dropout) == (1 / 32, 1024, 0.1)
+    assert vgg.num_hidden != 8 and mlp.feat_mult != 1 / 32
+    assert parts == {("mlp", "auto"): "step", ("vgg8b", "auto"): "update",
+                     ("mlp", "none"): "none", ("vgg8b", "none"): "none",
+                     ("mlp", "update"): "update", ("vgg8b", "update"): "update",
+                     ("mlp", "step"): "step", ("vgg8b", "step"): "step"}
+
+
+def test_timed_fit_runs_the_steps_and_reads_the_library_epoch_time():
+    common = benchmarks_module("common")
+    args = type("Args", (), {"batch_size": 4, "num_hidden": 8})
+    model = common.build("mlp", "predsim", "none", args)
+    seconds = common.timed_fit(model, common.cached_batches((28, 28, 1), 4), 3)
+    assert seconds > 0 and int(model.optimizer.iterations) == 3
+
+
+def test_run_bench_passes_the_recipe_and_mode_to_the_authors_bench(tmp_path):
+    """A stand-in bench.py that echoes its arguments: the recipe flags of REFERENCE_ARGS,
+    the mlp width override, --backprop, and bench.py's batches and warm-up."""
+    common = benchmarks_module("common")
+    (tmp_path / "bench.py").write_text(
+        "import json, sys\nprint('BENCH_JSON ' + json.dumps({'argv': sys.argv[1:]}))\n")
+    result, seconds = common.run_bench(str(tmp_path), "mlp", "backprop", 16, num_hidden=64)
+    argv = result["argv"]
+    assert argv[:2] == ["200", "10"] and seconds > 0
+    assert argv[argv.index("--num-hidden") + 1] == "64" and argv.count("--num-hidden") == 1
+    assert argv[argv.index("--batch-size") + 1] == "16" and argv[-1] == "--backprop"
+    result, _ = common.run_bench(str(tmp_path), "vgg8b", "predsim", 8, batches=1, warmup=0)
+    assert result["argv"][:2] == ["1", "0"] and "--backprop" not in result["argv"]
+    assert "--dim-in-decoder" in result["argv"]
+
+
+@pytest.mark.slow  # trains the quick mlp in a subprocess, about 20 s
+def test_throughput_side_by_side_with_a_stand_in_reference(tmp_path):
+    """A stand-in bench.py reports 1000 images/s: the table and JSON give keras-local's
+    median beside it and their ratio."""
+    (tmp_path / "bench.py").write_text(
+        "import json\nprint('BENCH_JSON ' + json.dumps({'img_per_s_compute_only': 1000.0}))\n")
+    out = tmp_path / "side_by_side.json"
+    stdout = run_script("throughput.py", "--quick", "--reference", str(tmp_path), "--rounds",
+                        "1", "--modes", "predsim", "--json", str(out))
+    assert "reference img/s  keras-local img/s   ratio" in stdout
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["reference_images_per_s"] == [1000.0] and result["xla_resolved"] == "step"
+    assert result["ratio"] == pytest.approx(result["keras_local_median"] / 1000.0)
+
+
 def test_throughput_unknown_backend_step_fails_clearly(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run(
@@ -59,7 +125,7 @@ def test_throughput_unknown_backend_step_fails_clearly(tmp_path):
 def test_step_macs_count_heads_and_similarity():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
-        from throughput import count_step_macs
+        from macs import count_step_macs
     finally:
         sys.path.pop(0)
     from keras_local.config import Config
@@ -169,7 +235,7 @@ def test_scaling_quick_writes_its_table(tmp_path):
 def test_tagged_json_reads_the_last_result_line_and_names_a_failure():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
-        from report_json import tagged_json
+        from common import tagged_json
     finally:
         sys.path.remove(os.path.join(ROOT, "benchmarks"))
     done = subprocess.CompletedProcess(
@@ -240,9 +306,11 @@ def test_startup_times_another_xla_choice(tmp_path):
     assert done.returncode == 2 and "--xla: invalid choice: 'all'" in done.stderr
 
 
-def test_startup_rejects_a_reference_without_bench_py(tmp_path):
+@pytest.mark.parametrize("script", ["throughput.py", "startup.py"])
+def test_a_reference_without_bench_py_is_one_clear_error(tmp_path, script):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "startup.py"),
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script),
                            "--reference", str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 2 and "no bench.py there" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -15,6 +15,22 @@ from keras_local.steps import step_functions
 from keras_local.losses.maths import error_percent, pred_loss
 
 
+XLA_PARTS = ("update", "step")
+
+
+def xla_part(jit_compile, has_conv, backend):
+    """What XLA compiles of a LocalModel's train step: "update" (only the optimiser update,
+    ``keras_local.steps.tensorflow``), "step" (Keras's jit_compile of the whole step) or
+    "none". ``jit_compile`` True picks "update" for TensorFlow networks with conv blocks and
+    "step" otherwise (see ``LocalModel.compile``); "update" or "step" asks for that part
+    (other backends have only "step")."""
+    if jit_compile in XLA_PARTS:
+        return jit_compile if backend == "tensorflow" else "step"
+    if not jit_compile:
+        return "none"
+    return "update" if backend == "tensorflow" and has_conv else "step"
+
+
 @keras.saving.register_keras_serializable(package="keras_local")
 class LocalModel(keras.Model):
     """A network whose hidden blocks learn from their own local losses.
@@ -148,7 +164,9 @@ class LocalModel(keras.Model):
         activations (vgg19 predsim then needed as much memory as backprop), and its CPU
         convolutions were slower than TensorFlow's. Dense-only networks (mlp) compile the
         whole step, which was fastest for them (docs/benchmarks.md section 5).
-        ``steps_per_execution`` defaults to ``Config.resolved_steps_per_execution``.
+        ``jit_compile="update"`` or ``"step"`` asks for one of the two whatever the network
+        (``xla_part``). ``steps_per_execution`` defaults to
+        ``Config.resolved_steps_per_execution``.
         """
         if optimizer is None:
             optimizer = make_optimizer(self.config)
@@ -165,10 +183,9 @@ class LocalModel(keras.Model):
             raise ValueError(f"steps_per_execution {kwargs['steps_per_execution']} needs one "
                              f"replica; this strategy has {replicas}: use 1 (or 0, auto)")
         has_conv = any(block.kind == "conv" for block in self.local_blocks)
-        self.xla_update = (bool(jit_compile) and keras.backend.backend() == "tensorflow"
-                           and has_conv)
-        super().compile(optimizer=optimizer,
-                        jit_compile=False if self.xla_update else jit_compile, **kwargs)
+        part = xla_part(jit_compile, has_conv, keras.backend.backend())
+        self.xla_update = part == "update"
+        super().compile(optimizer=optimizer, jit_compile=part == "step", **kwargs)
         if self.xla_update:  # what compile_from_config restores
             self._compile_config.config["jit_compile"] = True
         if self.placement is not None:
