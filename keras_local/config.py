@@ -333,6 +333,14 @@ NETWORK_FIELDS = tuple(f.name for f in dataclasses.fields(NetworkConfig))
 RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
+def network_part(values: dict) -> NetworkConfig:
+    """The NetworkConfig of a model file's config dict. Files written before the network
+    and run parts were split hold run options too: they are left out (a model does not
+    use them); keys of neither part are refused."""
+    return NetworkConfig.from_dict({key: value for key, value in values.items()
+                                    if key not in RUN_FIELDS})
+
+
 def _plain(value):
     """A field's value as JSON has it (tuples become lists)."""
     return list(value) if isinstance(value, tuple) else value

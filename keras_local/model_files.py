@@ -16,7 +16,7 @@ import math
 import os
 import zipfile
 
-from keras_local.config import NetworkConfig
+from keras_local.config import network_part
 from keras_local.json_files import JSONFileError, parse_json_bytes
 
 # Every variable of the model, heads included: the paper's largest network, vgg11b (3x)
@@ -182,7 +182,7 @@ def check_model_size(architecture, input_shape, num_classes, config,
     not fit in ``available_bytes`` (default: ``memory_available()``); else its
     SizeEstimate."""
     if isinstance(config, dict):  # a model file's: the network part, no optimiser
-        config = NetworkConfig.from_dict(config)
+        config = network_part(config)
     if (not isinstance(input_shape, (list, tuple)) or not input_shape
             or not all(_is_count(d) for d in input_shape) or not _is_count(num_classes)):
         raise ModelFileError(f"{source}: input shape {input_shape!r} and {num_classes!r} "

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from keras_local.config import (NETWORK_FIELDS, RUN_FIELDS, Config, NetworkConfig, RunConfig,
-                                choices_of)
+                                choices_of, network_part)
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
@@ -89,3 +89,15 @@ def test_compiling_a_loaded_model_needs_its_optimiser(tmp_path):
     x = np.random.default_rng(0).normal(size=(8, 4, 4, 1)).astype("float32")
     loaded.train_on_batch(x, np.arange(8) % 3)
     assert int(loaded.optimizer.iterations) == 1
+
+
+def test_an_older_model_file_with_run_options_loads_its_network_only():
+    """Model files written before the split held the whole Config."""
+    from keras_local.models.local_model import LocalModel
+
+    config = Config(model="mlp", num_layers=1, num_hidden=8, loss_unsup="sim", epochs=3)
+    model = LocalModel.from_config({"architecture": "mlp", "input_shape": [4, 4, 1],
+                                    "num_classes": 3, "config": config.to_dict()})
+    assert type(model.config) is NetworkConfig and model.config == config.network()
+    with pytest.raises(ValueError, match=r"unknown config keys \['colour'\]"):
+        network_part({**config.to_dict(), "colour": "red"})

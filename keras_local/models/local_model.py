@@ -7,7 +7,7 @@ from keras import ops
 
 from keras_local.models.registry import build_feature_layers
 from keras_local.layers.block import LocalBlock, part_seed
-from keras_local.config import Config, NetworkConfig, RunConfig
+from keras_local.config import Config, RunConfig, network_part
 from keras_local.layers.heads import torch_bias_initializer, torch_kernel_initializer
 from keras_local.models.common import block_seed
 from keras_local.optim import make_optimizer
@@ -49,7 +49,7 @@ class LocalModel(keras.Model):
         if config is None:
             config = Config()
         elif isinstance(config, dict):  # get_config's: the network part
-            config = NetworkConfig.from_dict(config)
+            config = network_part(config)
         check_network_support(config, keras.backend.backend())
         self.config = config
         self.placement = placement
