@@ -32,12 +32,15 @@ NO_OPTIONS = (f"{TRAIN_COMMAND}: error: no options given; the defaults (--datase
 
 def pre_parse(argv):
     """The options needed before Keras is imported: the backend, --resume, plugins and
-    --deterministic (which keeps oneDNN's kernels off, see keras_local.quiet)."""
+    --deterministic (which keeps oneDNN's kernels off, see keras_local.quiet). Their
+    values are checked later, by the whole parser, once plugins have registered names."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--backend", default=DEFAULTS["backend"])
-    p.add_argument("--resume", default=None)
-    p.add_argument("--plugin", action="append", default=[])
-    p.add_argument("--deterministic", action="store_true")
+    fields = {field.name: field for field in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    for name in ("backend", "resume", "plugins", "deterministic"):
+        kwargs = _argument(fields[name], hints[name])
+        kwargs.pop("choices", None)
+        p.add_argument(option_flag(fields[name]), **kwargs)
     known, _ = p.parse_known_args(argv)
     return known
 
@@ -215,7 +218,7 @@ def main(argv=None):
     from keras_local.plugins import PluginError, load_plugins
     from keras_local.quiet import quiet_start
 
-    plugins = list(resumed.get("plugins", [])) + early.plugin
+    plugins = list(resumed.get("plugins", [])) + early.plugins
     if plugins:
         quiet_start(import_tensorflow=True)  # a plugin may import Keras
     try:
