@@ -76,7 +76,8 @@ def command_line_fields(config_class=Config):
 def _argument(field, hint):
     """argparse keyword arguments for a field annotated ``hint``, except its help."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        values = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        hint = values[0] if len(values) == 1 else hint  # Optional[T]: T or not given
     kwargs = {"dest": field.name, "default": field_default(field)}
     if hint is bool:
         kwargs["action"] = "store_false" if kwargs["default"] else "store_true"
