@@ -8,6 +8,9 @@ from keras_local._lazy import lazy_exports
 
 _EXPORTS = {
     "Config": "keras_local.config",
+    "NetworkConfig": "keras_local.config",
+    "RunConfig": "keras_local.config",
+    "option": "keras_local.config",
     "LocalBlock": "keras_local.layers",
     "FeedbackAlignmentDense": "keras_local.layers",
     "LabelProjection": "keras_local.layers",

@@ -3,7 +3,8 @@ installed as the console script ``keras-local-train`` (``train.py`` in the repos
 
 Example:  keras-local-train --dataset cifar10 --model vgg11b
 
-Every default shown by ``--help`` is ``Config``'s field default, read from the dataclass.
+The options are generated from ``Config``'s fields (``keras_local.config.option``): a
+field added there is an option here, with its help, group, choices and default.
 """
 
 import argparse
@@ -11,11 +12,11 @@ import dataclasses
 import errno
 import os
 import sys
+import types
+import typing
 
 from keras_local.cli import TRAIN_COMMAND, OneLineParser
-from keras_local.config import (BACKEND_CHOICES, LOSS_UNSUP_CHOICES, NONLIN_CHOICES,
-                                OPTIM_CHOICES, PLACEMENT_CHOICES, PRECISION_CHOICES,
-                                STRATEGY_CHOICES, Config)
+from keras_local.config import GROUPS, Config, choices_of
 from keras_local.run.json_files import read_json_file
 
 
@@ -31,12 +32,15 @@ NO_OPTIONS = (f"{TRAIN_COMMAND}: error: no options given; the defaults (--datase
 
 def pre_parse(argv):
     """The options needed before Keras is imported: the backend, --resume, plugins and
-    --deterministic (which keeps oneDNN's kernels off, see keras_local.run.quiet)."""
+    --deterministic (which keeps oneDNN's kernels off, see keras_local.run.quiet). Their
+    values are checked later, by the whole parser, once plugins have registered names."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--backend", default=DEFAULTS["backend"])
-    p.add_argument("--resume", default=None)
-    p.add_argument("--plugin", action="append", default=[])
-    p.add_argument("--deterministic", action="store_true")
+    fields = {field.name: field for field in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    for name in ("backend", "resume", "plugins", "deterministic"):
+        kwargs = _argument(fields[name], hints[name])
+        kwargs.pop("choices", None)
+        p.add_argument(option_flag(fields[name]), **kwargs)
     known, _ = p.parse_known_args(argv)
     return known
 
@@ -45,37 +49,79 @@ def _shown(value):
     return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
-class _Options:
-    """Adds options to a group of the parser. An option named after a Config field takes
-    that field's default, and its help ends with the default as it will run and, for the
-    fields a recipe sets, that a recipe may replace it."""
-
-    def __init__(self, group, recipe_fields):
-        self.group, self.recipe_fields = group, recipe_fields
-
-    def __call__(self, flag, help, field=None, **kwargs):
-        field = field or flag[2:].replace("-", "_")
-        recipe = "recipes set it" if field in self.recipe_fields else ""
-        if kwargs.get("action") == "store_true":  # off unless given
-            help += f" ({recipe})" if recipe else ""
-        elif field in DEFAULTS:
-            default = DEFAULTS[field]
-            kwargs["default"] = list(default) if isinstance(default, tuple) else default
-            if default not in (None, ()):  # the help says what "not given" means
-                help += f" (default: {_shown(default)}" + (f"; {recipe})" if recipe else ")")
-        self.group.add_argument(flag, help=help.replace("%", "%%"), **kwargs)
+def field_default(field):
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
 
 
-def make_parser():
-    """The command line; the names offered come from the registries (models, datasets, local
-    losses), including what plugins registered, and the defaults from Config. Starts no
-    Keras backend."""
-    from keras_local.data.catalogue import list_datasets
-    from keras_local.losses.registry import list_local_losses
-    from keras_local.models.registry import list_models
+def option_flag(field):
+    """The command-line flag of a Config field: its dashed name, ``--no-NAME`` for a bool
+    that defaults to True, or the ``flag`` its declaration names."""
+    if field.metadata.get("flag"):
+        return field.metadata["flag"]
+    name = field.name.replace("_", "-")
+    return f"--no-{name}" if field_default(field) is True else f"--{name}"
+
+
+def command_line_fields(config_class=Config):
+    """The fields of ``config_class`` that are command-line options (all but those
+    declared ``cli=False``), in the order of their ``--help`` groups."""
+    fields = [field for field in dataclasses.fields(config_class)
+              if field.metadata.get("cli", True)]
+    order = {name: index for index, name in enumerate(GROUPS)}
+    return sorted(fields, key=lambda field: order.get(field.metadata.get("group"), len(order)))
+
+
+def _argument(field, hint):
+    """argparse keyword arguments for a field annotated ``hint``, except its help."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        values = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        hint = values[0] if len(values) == 1 else hint  # Optional[T]: T or not given
+    kwargs = {"dest": field.name, "default": field_default(field)}
+    if hint is bool:
+        kwargs["action"] = "store_false" if kwargs["default"] else "store_true"
+    elif typing.get_origin(hint) is tuple and typing.get_args(hint)[-1:] == (...,):
+        kwargs.update(type=typing.get_args(hint)[0], default=list(kwargs["default"]))
+        if field.metadata.get("repeat"):
+            kwargs["action"] = "append"
+        else:
+            kwargs["nargs"] = "+"
+    elif hint in (int, float, str):
+        kwargs["type"] = hint
+    else:
+        raise TypeError(f"Config field {field.name}: no command-line form for {hint!r} "
+                        f"(use bool, int, float, str, Optional[...] or tuple[T, ...])")
+    choices = choices_of(field)
+    if choices is not None:
+        kwargs["choices"] = list(choices)
+    if field.metadata.get("metavar"):
+        kwargs["metavar"] = field.metadata["metavar"]
+    return kwargs
+
+
+def _help(field, kwargs, recipe_fields):
+    """The field's help, ending with its default as it will run and, for the fields a
+    recipe sets, that a recipe may replace it."""
+    text = field.metadata.get("help", "")
+    if "choices" in kwargs:
+        text = text.replace("{choices}", ", ".join(kwargs["choices"]))
+    recipe = "recipes set it" if field.name in recipe_fields else ""
+    default = field_default(field)
+    if kwargs.get("action") in ("store_true", "store_false"):  # a switch: off unless given
+        text += f" ({recipe})" if recipe else ""
+    elif default not in (None, (), []):  # else the help says what "not given" means
+        text += f" (default: {_shown(default)}" + (f"; {recipe})" if recipe else ")")
+    return text.replace("%", "%%")
+
+
+def make_parser(config_class=Config):
+    """The command line, generated from the fields of ``config_class`` (their help, group,
+    default and choices; ``keras_local.config.option``) plus the options that are not
+    Config fields. The names offered come from the registries (models, datasets, local
+    losses), including what plugins registered. Starts no Keras backend."""
     from keras_local.recipes import RECIPES
 
-    datasets, models, losses = list_datasets(), list_models(), list_local_losses()
     recipe_fields = {field for recipe in RECIPES.values() for field in recipe.options}
     p = OneLineParser(
         prog=TRAIN_COMMAND,
@@ -86,128 +132,49 @@ def make_parser():
                     "of the paper's tables (--list-recipes), that recipe replaces the "
                     "defaults marked 'recipes set it' except where you give the flag, and "
                     "the run says so when it starts; --recipe none keeps these defaults.")
-    data = _Options(p.add_argument_group("data"), recipe_fields)
-    data("--dataset", f"one of {', '.join(datasets)}", choices=datasets, metavar="NAME")
-    data("--data-dir", "offline distribution files (MNIST-family IDX .gz, CIFAR python "
-                       "batches), a tensorflow-datasets data dir, or for --dataset "
-                       "folder/imagenet DIR/train/<class>/*.jpg|png and DIR/val/ (or test/)")
-    data("--image-size", "image folders: side of the square inputs (default 32 for folder, "
-                         "224 for imagenet; above 64: random resized crop / resize + centre "
-                         "crop)", type=int)
-    data("--data-mean", "image folders: per-channel mean in [0, 1] (default: computed from "
-                        "the training images)", type=float, nargs="+", metavar="M")
-    data("--data-std", "image folders: per-channel std (default: computed)", type=float,
-         nargs="+", metavar="S")
-    data("--max-train-examples", "use only the first N training images (quick runs; "
-                                 "default: all)", type=int)
-    data("--cutout", "cutout augmentation", action="store_true")
-    data("--length", "cutout square side", type=int)
-    data("--classes-per-batch", "batches with only N distinct classes (0 = ordinary "
-                                "shuffling)", type=int)
-    data("--classes-per-batch-until-epoch", "limit the classes per batch until this epoch "
-                                            "(0: until the end)", type=int)
-    model = _Options(p.add_argument_group("model"), recipe_fields)
-    model("--model", f"one of {', '.join(models)}", choices=models, metavar="NAME")
-    model("--num-layers", "fully connected local blocks (after the convs for vgg*)", type=int)
-    model("--num-hidden", "units per FC block", type=int)
-    model("--feat-mult", "VGG / ResNet channel multiplier", type=float)
-    model("--pre-act", "ResNets: pre-activation basic blocks (BN -> act -> conv)",
-          action="store_true")
-    model("--no-batch-norm", "no BatchNorm", field="batch_norm", action="store_true")
-    model("--nonlin", "activation", choices=NONLIN_CHOICES)
-    model("--dropout", "dropout after each block (spatial for conv blocks)", type=float)
-    model("--dim-in-decoder", "max input size of the pred head after average pooling",
-          type=int)
-    local = _Options(p.add_argument_group("local learning"), recipe_fields)
-    local("--loss-sup", f"local loss, one of {', '.join(losses)}", choices=losses,
-          metavar="NAME")
-    local("--modules", "group the local layers into K modules of consecutive layers, heads "
-                       "on each module's last layer (default: every layer its own module; "
-                       "1 = end-to-end with one auxiliary head)", type=int, metavar="K")
-    local("--beta", "predsim weight of sim", type=float)
-    local("--backprop", "baseline: global backprop, no local heads", action="store_true")
-    local("--no-detach", "local losses, but gradients also cross blocks", action="store_true")
-    local("--bio", "back-prop free: feedback alignment, no sim conv, random label projection",
-          action="store_true")
-    local("--target-proj-size", "size of the random label projection (--bio)", type=int)
-    local("--loss-unsup", "unsupervised local term: sim = MSE(S(h), S(block input)), recon = "
-                          "reconstruction of the block input", choices=LOSS_UNSUP_CHOICES)
-    local("--alpha", "block loss = alpha * unsupervised + (1 - alpha) * supervised",
-          type=float)
-    local("--no-similarity-std", "similarity of feature maps on the flattened maps, not on "
-                                 "the per-channel spatial std", field="similarity_std",
-          action="store_true")
-    optim = _Options(p.add_argument_group("optimisation"), recipe_fields)
-    optim("--batch-size", "examples per training batch", type=int)
-    optim("--epochs", "training epochs", type=int)
-    optim("--lr", "initial learning rate", type=float)
-    optim("--lr-decay-milestones", "epochs at which lr is decayed", type=int, nargs="+")
-    optim("--lr-decay-fact", "factor of each lr decay", type=float)
-    optim("--optim", "PyTorch's Adam / AMSGrad / SGD (as the reference); keras_adam: Keras's "
-                     "Adam (epsilon before bias correction)", choices=OPTIM_CHOICES)
-    optim("--momentum", "SGD momentum", type=float)
-    optim("--weight-decay", "L2 weight decay", type=float)
-    run = _Options(p.add_argument_group("run"), recipe_fields)
-    run("--plugin", "import MODULE (dotted name or .py file) first: the local losses, models "
-                    "and datasets it registers become choices (repeatable)", field="plugins",
-        action="append", metavar="MODULE")
-    run("--seed", "random seed of weights, data order and dropout", type=int)
-    run("--save-dir", "parent of the run directories")
-    run("--resume", "continue a run from its last completed epoch", metavar="RUN_DIR")
-    run("--backend", "Keras backend", choices=BACKEND_CHOICES)
-    run("--no-jit", "do not compile with XLA", field="jit_compile", action="store_true")
-    run("--precision", "float32 or a mixed-precision policy", choices=PRECISION_CHOICES)
-    run("--strategy", "tf.distribute strategy (auto: mirrored on >1 GPU, multiworker when "
-                      "TF_CONFIG names several workers)", choices=STRATEGY_CHOICES)
-    run("--placement", "layerwise: block i on device i mod N", choices=PLACEMENT_CHOICES)
-    run("--pipeline", "decoupled pipelined training (needs --placement layerwise)",
-        action="store_true")
-    run("--steps-per-execution", "training steps per call of the compiled train function "
-                                 "(0 = auto: 16 when pipelined, else 1)", type=int,
-        metavar="N")
-    run("--no-export", "skip the SavedModel/ONNX export at the end", action="store_true")
-    run("--quiet", "no progress bar", action="store_true")
-    run("--deterministic", "deterministic TensorFlow kernels (enable_op_determinism): "
-                           "bit-identical reruns and resumes, somewhat slower",
-        action="store_true")
-    run("--similarity-examples", "test images whose similarity matrix TensorBoard shows for "
-                                 "every block after each epoch (0 = none)", type=int,
-        metavar="N")
-    recipes = _Options(p.add_argument_group("the paper's recipes"), recipe_fields)
-    recipes("--recipe", "fill every option from one row of the paper's tables "
-                        "(--list-recipes); explicit flags override it. Default: the row "
-                        "matching --dataset, --model, --feat-mult, --cutout and the method, "
-                        "if any; 'none' for the plain defaults", metavar="NAME")
-    recipes("--list-recipes", "print the recipes with their published test error and exit",
-            action="store_true")
+    groups = {name: p.add_argument_group(name) for name in GROUPS}
+    hints = typing.get_type_hints(config_class)
+    for field in command_line_fields(config_class):
+        group = field.metadata.get("group", "other options")
+        if group not in groups:
+            groups[group] = p.add_argument_group(group)
+        kwargs = _argument(field, hints[field.name])
+        groups[group].add_argument(option_flag(field), help=_help(field, kwargs, recipe_fields),
+                                   **kwargs)
+    # What only this command does with a run: not options of the run itself.
+    groups["run"].add_argument("--no-export", action="store_true",
+                               help="skip the SavedModel/ONNX export at the end")
+    groups["run"].add_argument("--quiet", action="store_true", help="no progress bar")
+    groups["the paper's recipes"].add_argument(
+        "--list-recipes", action="store_true",
+        help="print the recipes with their published test error and exit")
     return p
 
 
-def parse_args(argv):
-    return make_parser().parse_args(argv)
+def parse_args(argv, config_class=Config):
+    return make_parser(config_class).parse_args(argv)
 
 
-def explicit_options(argv):
+def explicit_options(argv, config_class=Config):
     """The options (destination names) given on the command line, whatever their values."""
-    parser = make_parser()
+    parser = make_parser(config_class)
     unset = object()
-    # argparse fills in a default only where the namespace lacks the attribute. --plugin
-    # appends to its value, so it keeps its list (recipes never set plugins).
-    dests = [dest for dest in vars(parser.parse_args(argv)) if dest != "plugin"]
+    # argparse fills in a default only where the namespace lacks the attribute. A repeated
+    # option (--plugin) appends to its value, so it keeps its empty list: given if filled.
+    repeated = {field.name for field in command_line_fields(config_class)
+                if field.metadata.get("repeat")}
+    dests = [dest for dest in vars(parser.parse_args(argv)) if dest not in repeated]
     given = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(dests, unset)))
-    return {dest for dest, value in vars(given).items() if value is not unset}
+    return {dest for dest, value in vars(given).items()
+            if value is not unset and (dest not in repeated or value)}
 
 
-def config_values(args):
-    values = {key: value for key, value in vars(args).items()
-              if key not in ("no_batch_norm", "no_jit", "no_export", "quiet", "plugin",
-                             "no_similarity_std", "list_recipes")}
-    values["plugins"] = tuple(args.plugin)
-    values["batch_norm"] = not args.no_batch_norm
-    values["similarity_std"] = not args.no_similarity_std
-    values["jit_compile"] = not args.no_jit
-    values["lr_decay_milestones"] = tuple(args.lr_decay_milestones)
-    if values["recipe"] == "none":
+def config_values(args, config_class=Config):
+    """The Config fields of parsed ``args`` (sequences as tuples)."""
+    names = {field.name for field in dataclasses.fields(config_class)}
+    values = {key: tuple(value) if isinstance(value, list) else value
+              for key, value in vars(args).items() if key in names}
+    if values.get("recipe") == "none":
         values["recipe"] = None
     return values
 
@@ -252,7 +219,7 @@ def main(argv=None):
     from keras_local.run.plugins import PluginError, load_plugins
     from keras_local.run.quiet import quiet_start
 
-    plugins = list(resumed.get("plugins", [])) + early.plugin
+    plugins = list(resumed.get("plugins", [])) + early.plugins
     if plugins:
         quiet_start(import_tensorflow=True)  # a plugin may import Keras
     try:

@@ -7,7 +7,7 @@ from keras import ops
 
 from keras_local.models.registry import build_feature_layers
 from keras_local.layers.block import LocalBlock, part_seed
-from keras_local.config import Config
+from keras_local.config import Config, RunConfig, network_part
 from keras_local.layers.heads import torch_bias_initializer, torch_kernel_initializer
 from keras_local.models.common import block_seed
 from keras_local.optimizers import make_optimizer
@@ -54,7 +54,9 @@ class LocalModel(keras.Model):
         aggregation under tf.distribute), or None;
       - ``preprocessing``: ``{"dataset", "mean", "std", "class_names"}`` of its inputs,
         saved with the model and used by the export.
-    Only the network part of ``config`` (``Config.network_dict``) is saved with it.
+    Only the network part of ``config`` (``Config.network_dict``) is saved with it: a
+    loaded model's ``config`` is a ``NetworkConfig``, without run options (so ``compile``
+    then needs its optimizer, unless Keras restores the saved compile state).
     """
 
     def __init__(self, architecture, input_shape, num_classes, config=None, placement=None,
@@ -62,8 +64,8 @@ class LocalModel(keras.Model):
         super().__init__(**kwargs)
         if config is None:
             config = Config()
-        elif isinstance(config, dict):
-            config = Config.from_dict(config)
+        elif isinstance(config, dict):  # get_config's: the network part
+            config = network_part(config)
         check_network_support(config, keras.backend.backend())
         self.config = config
         self.placement = placement
@@ -167,15 +169,23 @@ class LocalModel(keras.Model):
         ``jit_compile="update"`` or ``"step"`` asks for one of the two whatever the network
         (``xla_part``). ``steps_per_execution`` defaults to
         ``Config.resolved_steps_per_execution``.
+        A model built from a ``NetworkConfig`` alone (a loaded one) has no run options:
+        ``optimizer`` is then required, and ``jit_compile`` and ``steps_per_execution``
+        take Keras's defaults (XLA where it applies, 1).
         """
+        run = self.config if isinstance(self.config, RunConfig) else None
         if optimizer is None:
-            optimizer = make_optimizer(self.config)
+            if run is None:
+                raise ValueError("this model holds only its network options (NetworkConfig, "
+                                 "as a loaded model does): pass compile(optimizer=...)")
+            optimizer = make_optimizer(run)
         if jit_compile is None:
             # config.jit_compile means XLA (TensorFlow, JAX); torch.compile is opt-in.
             # XLA compiles a one-device step: not with placement nor under a strategy.
-            jit_compile = (self.config.jit_compile and keras.backend.backend() != "torch"
+            jit_compile = ((run is None or run.jit_compile) and keras.backend.backend() != "torch"
                            and self.placement is None and not _under_strategy())
-        kwargs.setdefault("steps_per_execution", self.config.resolved_steps_per_execution)
+        kwargs.setdefault("steps_per_execution",
+                          run.resolved_steps_per_execution if run is not None else 1)
         replicas = _replicas()
         if kwargs["steps_per_execution"] > 1 and replicas > 1:
             # Keras 3.15's multi-step loop over a distributed iterator fails at run time

@@ -16,7 +16,7 @@ import math
 import os
 import zipfile
 
-from keras_local.config import Config
+from keras_local.config import network_part
 from keras_local.run.json_files import JSONFileError, parse_json_bytes
 
 # Every variable of the model, heads included: the paper's largest network, vgg11b (3x)
@@ -181,8 +181,8 @@ def check_model_size(architecture, input_shape, num_classes, config,
     its variables (and, when ``training``, their gradients and the optimiser's slots) would
     not fit in ``available_bytes`` (default: ``memory_available()``); else its
     SizeEstimate."""
-    if isinstance(config, dict):
-        config = Config.from_dict(config)
+    if isinstance(config, dict):  # a model file's: the network part, no optimiser
+        config = network_part(config)
     if (not isinstance(input_shape, (list, tuple)) or not input_shape
             or not all(_is_count(d) for d in input_shape) or not _is_count(num_classes)):
         raise ModelFileError(f"{source}: input shape {input_shape!r} and {num_classes!r} "
