@@ -314,3 +314,27 @@ def test_a_reference_without_bench_py_is_one_clear_error(tmp_path, script):
                           capture_output=True, text=True)
     assert done.returncode == 2 and "no bench.py there" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow  # two fresh TensorFlow processes read a small pipeline
+def test_input_pipeline_reads_every_augmented_image(tmp_path):
+    out = tmp_path / "pipeline.json"
+    stdout = run_script("input_pipeline.py", "--datasets", "fashion_mnist", "--examples", "300",
+                        "--batch-size", "64", "--epochs", "2", "--train-images-per-second", "10",
+                        "--json", str(out))
+    (row,) = [line for line in stdout.splitlines() if line.startswith("| fashion_mnist")]
+    assert "crop (pad 2), flip" in row and row.endswith("x |")
+    with open(out) as stream:
+        (result,) = json.load(stream)["results"]
+    for setting, threads in (("one_core", 1), ("all_cores", "all")):
+        measured = result[setting]
+        assert measured["threads"] == threads
+        assert measured["images"] == 300  # every example, the last batch partial
+        assert len(measured["epoch_seconds"]) == 2 and measured["images_per_second"] > 0
+
+
+def test_input_pipeline_refuses_a_bad_count():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "input_pipeline.py"),
+                           "--examples", "0"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith("--examples must be at least 1; got 0")
