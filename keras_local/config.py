@@ -47,7 +47,7 @@ def _local_losses():
 
 
 def option(default, help, group, choices=None, flag=None, metavar=None, cli=True,
-           repeat=False):
+           repeat=False, hparam=False):
     """A Config field with what its command-line option needs.
 
     help: the ``--help`` text; ``{choices}`` in it is replaced by the choices.
@@ -59,9 +59,11 @@ def option(default, help, group, choices=None, flag=None, metavar=None, cli=True
         that flag does.
     cli: False for a field that is not a command-line option (the help says who sets it).
     repeat: a tuple field given one value per use of its flag (``--plugin A --plugin B``).
+    hparam: the option defines the experiment (a column of TensorBoard's HParams table;
+        paths, devices and output options do not).
     """
     metadata = dict(help=help, group=group, choices=choices, flag=flag, metavar=metavar,
-                    cli=cli, repeat=repeat)
+                    cli=cli, repeat=repeat, hparam=hparam)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -77,44 +79,46 @@ class NetworkConfig:
     and all a loaded model knows. ``training_mode`` derives the update rule from
     ``loss_sup``, ``backprop`` and ``no_detach``."""
 
-    model: str = option("vgg8b", "one of {choices}", "model", choices=_models, metavar="NAME")
+    model: str = option("vgg8b", "one of {choices}", "model", choices=_models, metavar="NAME",
+                        hparam=True)
     num_layers: int = option(1, "fully connected local blocks (after the convs for vgg*)",
-                             "model")
-    num_hidden: int = option(1024, "units per FC block", "model")
-    feat_mult: float = option(1.0, "VGG / ResNet channel multiplier", "model")
+                             "model", hparam=True)
+    num_hidden: int = option(1024, "units per FC block", "model", hparam=True)
+    feat_mult: float = option(1.0, "VGG / ResNet channel multiplier", "model", hparam=True)
     pre_act: bool = option(False, "ResNets: pre-activation basic blocks (BN -> act -> conv)",
-                           "model")
-    batch_norm: bool = option(True, "no BatchNorm", "model")
-    nonlin: str = option("relu", "activation", "model", choices=NONLIN_CHOICES)
-    dropout: float = option(0.0, "dropout after each block (spatial for conv blocks)", "model")
+                           "model", hparam=True)
+    batch_norm: bool = option(True, "no BatchNorm", "model", hparam=True)
+    nonlin: str = option("relu", "activation", "model", choices=NONLIN_CHOICES, hparam=True)
+    dropout: float = option(0.0, "dropout after each block (spatial for conv blocks)", "model",
+                            hparam=True)
     dim_in_decoder: int = option(4096, "max input size of the pred head after average "
-                                       "pooling", "model")
+                                       "pooling", "model", hparam=True)
     loss_sup: str = option("predsim", "local loss, one of {choices}", "local learning",
-                           choices=_local_losses, metavar="NAME")
+                           choices=_local_losses, metavar="NAME", hparam=True)
     modules: Optional[int] = option(
         None, "group the local layers into K modules of consecutive layers, heads on each "
               "module's last layer (default: every layer its own module; 1 = end-to-end with "
-              "one auxiliary head)", "local learning", metavar="K")
-    beta: float = option(0.99, "predsim weight of sim", "local learning")
+              "one auxiliary head)", "local learning", metavar="K", hparam=True)
+    beta: float = option(0.99, "predsim weight of sim", "local learning", hparam=True)
     backprop: bool = option(False, "baseline: global backprop, no local heads",
                             "local learning")
     no_detach: bool = option(False, "local losses, but gradients also cross blocks",
                              "local learning")
     bio: bool = option(False, "back-prop free: feedback alignment, no sim conv, random label "
-                              "projection", "local learning")
+                              "projection", "local learning", hparam=True)
     target_proj_size: int = option(128, "size of the random label projection (--bio)",
-                                   "local learning")
+                                   "local learning", hparam=True)
     loss_unsup: str = option("none", "unsupervised local term: sim = MSE(S(h), S(block "
                                      "input)), recon = reconstruction of the block input",
-                             "local learning", choices=LOSS_UNSUP_CHOICES)
+                             "local learning", choices=LOSS_UNSUP_CHOICES, hparam=True)
     alpha: float = option(0.0, "block loss = alpha * unsupervised + (1 - alpha) * supervised",
-                          "local learning")
+                          "local learning", hparam=True)
     similarity_std: bool = option(True, "similarity of feature maps on the flattened maps, "
                                         "not on the per-channel spatial std",
-                                  "local learning", flag="--no-similarity-std")
-    seed: int = option(1, "random seed of weights, data order and dropout", "run")
+                                  "local learning", flag="--no-similarity-std", hparam=True)
+    seed: int = option(1, "random seed of weights, data order and dropout", "run", hparam=True)
     precision: str = option("float32", "float32 or a mixed-precision policy", "devices",
-                            choices=PRECISION_CHOICES)
+                            choices=PRECISION_CHOICES, hparam=True)
 
     def __post_init__(self):
         _check_fields(self, NetworkConfig)
@@ -181,14 +185,15 @@ class RunConfig:
     the machine that trained it."""
 
     dataset: str = option("cifar10", "one of {choices}", "data", choices=_datasets,
-                          metavar="NAME")
+                          metavar="NAME", hparam=True)
     data_dir: Optional[str] = option(
         None, "offline distribution files (MNIST-family IDX .gz, CIFAR python batches), a "
               "tensorflow-datasets data dir, or for --dataset folder/imagenet "
               "DIR/train/<class>/*.jpg|png and DIR/val/ (or test/)", "data")
     image_size: Optional[int] = option(
         None, "image folders: side of the square inputs (default 32 for folder, 224 for "
-              "imagenet; above 64: random resized crop / resize + centre crop)", "data")
+              "imagenet; above 64: random resized crop / resize + centre crop)", "data",
+              hparam=True)
     data_mean: tuple[float, ...] = option(
         (), "image folders: per-channel mean in [0, 1] (default: computed from the training "
             "images)", "data", metavar="M")
@@ -198,25 +203,26 @@ class RunConfig:
         (), "image folders: the class folders found (set by the run from the folder scan, "
             "kept for the export)", "data", cli=False)
     max_train_examples: Optional[int] = option(
-        None, "use only the first N training images (quick runs; default: all)", "data")
-    cutout: bool = option(False, "cutout augmentation", "data")
-    length: int = option(16, "cutout square side", "data")
+        None, "use only the first N training images (quick runs; default: all)", "data",
+        hparam=True)
+    cutout: bool = option(False, "cutout augmentation", "data", hparam=True)
+    length: int = option(16, "cutout square side", "data", hparam=True)
     classes_per_batch: int = option(0, "batches with only N distinct classes (0 = ordinary "
-                                       "shuffling)", "data")
+                                       "shuffling)", "data", hparam=True)
     classes_per_batch_until_epoch: int = option(
-        0, "limit the classes per batch until this epoch (0: until the end)", "data")
-    batch_size: int = option(128, "examples per training batch", "optimisation")
-    epochs: int = option(400, "training epochs", "optimisation")
-    lr: float = option(5e-4, "initial learning rate", "optimisation")
+        0, "limit the classes per batch until this epoch (0: until the end)", "data", hparam=True)
+    batch_size: int = option(128, "examples per training batch", "optimisation", hparam=True)
+    epochs: int = option(400, "training epochs", "optimisation", hparam=True)
+    lr: float = option(5e-4, "initial learning rate", "optimisation", hparam=True)
     lr_decay_milestones: tuple[int, ...] = option((200, 300, 350, 375),
                                                   "epochs at which lr is decayed",
-                                                  "optimisation")
-    lr_decay_fact: float = option(0.25, "factor of each lr decay", "optimisation")
+                                                  "optimisation", hparam=True)
+    lr_decay_fact: float = option(0.25, "factor of each lr decay", "optimisation", hparam=True)
     optim: str = option("adam", "PyTorch's Adam / AMSGrad / SGD (as the reference); "
                                 "keras_adam: Keras's Adam (epsilon before bias correction)",
-                        "optimisation", choices=OPTIM_CHOICES)
-    momentum: float = option(0.0, "SGD momentum", "optimisation")
-    weight_decay: float = option(0.0, "L2 weight decay", "optimisation")
+                        "optimisation", choices=OPTIM_CHOICES, hparam=True)
+    momentum: float = option(0.0, "SGD momentum", "optimisation", hparam=True)
+    weight_decay: float = option(0.0, "L2 weight decay", "optimisation", hparam=True)
     plugins: tuple[str, ...] = option(
         (), "import MODULE (dotted name or .py file) first: the local losses, models and "
             "datasets it registers become choices (repeatable)", "run", flag="--plugin",
@@ -235,7 +241,7 @@ class RunConfig:
     placement: str = option("none", "layerwise: block i on device i mod N", "devices",
                             choices=PLACEMENT_CHOICES)
     pipeline: bool = option(False, "decoupled pipelined training (needs --placement "
-                                   "layerwise)", "devices")
+                                   "layerwise)", "devices", hparam=True)
     steps_per_execution: int = option(
         0, "training steps per call of the compiled train function (0 = auto: "
            f"{PIPELINE_STEPS_PER_EXECUTION} when pipelined, else 1)", "devices", metavar="N")
@@ -246,7 +252,7 @@ class RunConfig:
         None, "fill every option from one row of the paper's tables (--list-recipes); "
               "explicit flags override it. Default: the row matching --dataset, --model, "
               "--feat-mult, --cutout and the method, if any; 'none' for the plain defaults",
-        "the paper's recipes", metavar="NAME")
+        "the paper's recipes", metavar="NAME", hparam=True)
 
     def __post_init__(self):
         _check_fields(self, RunConfig)
@@ -331,6 +337,8 @@ class Config(RunConfig, NetworkConfig):
 
 NETWORK_FIELDS = tuple(f.name for f in dataclasses.fields(NetworkConfig))
 RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
+# The options that define an experiment (``option(hparam=True)``): TensorBoard's HParams.
+HPARAM_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get("hparam"))
 
 
 def network_part(values: dict) -> NetworkConfig:

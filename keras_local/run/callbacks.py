@@ -11,6 +11,7 @@ import time
 import keras
 import numpy as np
 
+from keras_local.config import HPARAM_FIELDS
 from keras_local.optimizers import milestone_learning_rate
 
 
@@ -305,23 +306,11 @@ class SimilarityImages(keras.callbacks.Callback):
             self.writer.close()
 
 
-# The options that define an experiment, as HParams columns (with ``training_mode``, which
-# stands for backprop and no_detach): no paths, class names or data statistics, and none of
-# the execution choices that leave the method unchanged (backend, devices, XLA, logging).
-HPARAM_FIELDS = (
-    "dataset", "max_train_examples", "image_size", "cutout", "length", "classes_per_batch",
-    "classes_per_batch_until_epoch",
-    "model", "num_layers", "num_hidden", "feat_mult", "batch_norm", "nonlin", "dropout",
-    "dim_in_decoder", "pre_act",
-    "loss_sup", "beta", "bio", "target_proj_size", "modules", "alpha", "loss_unsup",
-    "similarity_std",
-    "batch_size", "epochs", "lr", "lr_decay_milestones", "lr_decay_fact", "optim", "momentum",
-    "weight_decay", "seed", "precision", "pipeline", "recipe",
-)
-
-
 def hparam_values(config):
-    """The run's ``HPARAM_FIELDS`` and ``training_mode`` as TensorBoard HParams values
+    """The run's ``HPARAM_FIELDS`` (the options that define the experiment: no paths, class
+    names or data statistics, none of the execution choices that leave the method
+    unchanged) and ``training_mode`` (which stands for backprop and no_detach) as
+    TensorBoard HParams values
     (bool, int, float or str; sequences become text). Left out: options that are None, and
     options that act only through another one that is off (``length`` without cutout,
     ``momentum`` without sgd, ...), so that a column means something wherever it is set."""
