@@ -5,6 +5,8 @@
     python benchmarks/startup.py --models mlp --batch-size 16 --num-hidden 64 --steps 2
     python benchmarks/startup.py --reference W                # and the authors' script
     python benchmarks/startup.py --models vgg8b --xla none    # another XLA choice (A/B)
+    python benchmarks/startup.py --xla-cache D; python benchmarks/startup.py --xla-cache D
+                                  # XLA's program cache in D: cold (D empty), then warm
 
 Each model runs in a fresh Python process (nothing imported or traced before), with the
 recipe of ``throughput.MODELS`` (mlp 3x1024 and vgg8b on 28x28x1, vgg11b and resnet18 on
@@ -54,6 +56,9 @@ def parse_args(argv):
                    help="split the first step into tracing and first run (an extra trace "
                         "of the step outside fit)")
     add_reference_argument(p, default_from_env=False)
+    p.add_argument("--xla-cache", default="none", metavar="DIR",
+                   help="XLA's persistent cache of compiled programs, as keras-local-train "
+                        "--xla-cache (default: none, every program compiled)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -72,6 +77,9 @@ def child(args):
         return round(time.time() - launched, 2)
 
     times = {"python": since()}
+    from keras_local.run.quiet import use_xla_cache
+
+    times["xla_cache"] = use_xla_cache(args.xla_cache)  # before TensorFlow starts
     import tensorflow as tf
 
     times["tensorflow"] = since()
@@ -117,7 +125,7 @@ def child(args):
 def run_child(name, args):
     command = [sys.executable, os.path.abspath(__file__), "--child", name,
                "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-               "--xla", args.xla]
+               "--xla", args.xla, "--xla-cache", args.xla_cache]
     for flag, value in (("--num-hidden", args.num_hidden), ("--feat-mult", args.feat_mult)):
         if value is not None:
             command += [flag, str(value)]

@@ -245,6 +245,11 @@ class RunConfig:
     steps_per_execution: int = option(
         0, "training steps per call of the compiled train function (0 = auto: "
            f"{PIPELINE_STEPS_PER_EXECUTION} when pipelined, else 1)", "devices", metavar="N")
+    xla_cache: str = option(
+        "~/.cache/keras-local/xla", "folder where TensorFlow's XLA keeps the programs it "
+        "compiles, per TensorFlow version and CPU, so that a later run (a resume, the same "
+        "network again) skips their compilation before its first step; 'none': off",
+        "devices", metavar="DIR")
     deterministic: bool = option(False, "deterministic TensorFlow kernels "
                                         "(enable_op_determinism): bit-identical reruns and "
                                         "resumes, somewhat slower", "devices")

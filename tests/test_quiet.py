@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISE_LINES = [
     b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
@@ -60,3 +62,49 @@ def test_train_cli_start_is_quiet_and_ends_with_a_summary(tmp_path):
     assert any(line.startswith("done: mlp predsim on fashion_mnist_demo, 1 epoch,")
                for line in lines)
     assert any(line.strip().startswith("tensorboard --logdir ") for line in lines)
+
+
+def test_xla_cache_goes_into_a_folder_per_tensorflow_version_and_cpu(tmp_path, monkeypatch):
+    from keras_local.run.quiet import use_xla_cache
+
+    monkeypatch.delenv("TF_XLA_FLAGS", raising=False)
+    target = use_xla_cache(str(tmp_path / "cache"))
+    assert os.path.isdir(target) and os.path.dirname(target) == str(tmp_path / "cache")
+    assert os.path.basename(target).startswith("tensorflow-2.")
+    assert os.environ["TF_XLA_FLAGS"] == f"--tf_xla_persistent_cache_directory={target}"
+    assert use_xla_cache(str(tmp_path / "other")) is None  # already set: the first one holds
+
+
+def test_xla_cache_steps_aside_where_it_cannot_work(tmp_path, monkeypatch):
+    from keras_local.run.quiet import use_xla_cache
+
+    monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_auto_jit=0")
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    assert use_xla_cache("none") is None
+    assert use_xla_cache(None) is None
+    assert use_xla_cache(str(tmp_path / "with space")) is None  # TF_XLA_FLAGS splits on spaces
+    assert use_xla_cache(str(blocker / "inside")) is None  # cannot be created: no cache
+    assert os.environ["TF_XLA_FLAGS"] == "--tf_xla_auto_jit=0"  # left as the user set it
+    monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_persistent_cache_directory=/elsewhere")
+    assert use_xla_cache(str(tmp_path / "cache")) is None  # the user's own setting wins
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow  # two training processes
+def test_a_second_run_loads_the_programs_the_first_compiled(tmp_path):
+    cache = tmp_path / "xla"
+    command = [sys.executable, "train.py", "--dataset", "fashion_mnist_demo", "--model", "mlp",
+               "--epochs", "1", "--max-train-examples", "256", "--xla-cache", str(cache)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("TF_XLA_FLAGS", None)
+    first = subprocess.run(command + ["--save-dir", str(tmp_path / "a")], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (folder,) = cache.iterdir()
+    compiled = sorted(path.name for path in folder.iterdir())
+    assert compiled and all(name.endswith(".pb") for name in compiled)  # the mlp's XLA step
+    second = subprocess.run(command + ["--save-dir", str(tmp_path / "b")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert sorted(path.name for path in folder.iterdir()) == compiled  # loaded, none new

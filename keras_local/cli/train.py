@@ -31,13 +31,14 @@ NO_OPTIONS = (f"{TRAIN_COMMAND}: error: no options given; the defaults (--datase
 
 
 def pre_parse(argv):
-    """The options needed before Keras is imported: the backend, --resume, plugins and
-    --deterministic (which keeps oneDNN's kernels off, see keras_local.run.quiet). Their
+    """The options needed before Keras is imported: the backend, --resume, plugins,
+    --deterministic (which keeps oneDNN's kernels off) and --xla-cache (see
+    keras_local.run.quiet). Their
     values are checked later, by the whole parser, once plugins have registered names."""
     p = argparse.ArgumentParser(add_help=False)
     fields = {field.name: field for field in dataclasses.fields(Config)}
     hints = typing.get_type_hints(Config)
-    for name in ("backend", "resume", "plugins", "deterministic"):
+    for name in ("backend", "resume", "plugins", "deterministic", "xla_cache"):
         kwargs = _argument(fields[name], hints[name])
         kwargs.pop("choices", None)
         p.add_argument(option_flag(fields[name]), **kwargs)
@@ -217,7 +218,9 @@ def main(argv=None):
         # Before TensorFlow starts: oneDNN's kernels are not covered by op determinism.
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     from keras_local.run.plugins import PluginError, load_plugins
-    from keras_local.run.quiet import quiet_start
+    from keras_local.run.quiet import quiet_start, use_xla_cache
+
+    use_xla_cache(resumed.get("xla_cache", early.xla_cache))
 
     plugins = list(resumed.get("plugins", [])) + early.plugins
     if plugins:

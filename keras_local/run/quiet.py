@@ -1,4 +1,5 @@
-"""A quiet start: TensorFlow imported without its C++ start-up noise (and with oneDNN).
+"""What must be settled before TensorFlow starts: its import without the C++ start-up noise
+(and with oneDNN), and XLA's cache of compiled programs (``use_xla_cache``).
 
 On a machine without a GPU, TensorFlow 2.21 writes straight to file descriptor 2, before
 ``TF_CPP_MIN_LOG_LEVEL`` takes effect (absl's logging is not initialised yet):
@@ -17,6 +18,8 @@ warnings and real errors of the import still show. Setting ``TF_CPP_MIN_LOG_LEVE
 """
 
 import contextlib
+import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -61,6 +64,50 @@ def quiet_start(import_tensorflow=None):
         import tensorflow as tf
 
         tf.config.list_physical_devices()  # probes CUDA now, inside the filter
+
+
+def use_xla_cache(folder):
+    """Let TensorFlow's XLA keep the programs it compiles in ``folder`` between processes
+    (its ``--tf_xla_persistent_cache_directory``): a later process that compiles the same
+    program (the mlp's whole step, a conv net's optimiser update) loads it instead. Call it
+    before TensorFlow is imported. The programs go into a subfolder per TensorFlow version
+    and CPU (a program compiled for one instruction set must not run on another). Returns
+    that subfolder, or None where nothing is cached: ``folder`` None or "none", TensorFlow
+    not installed, an explicit cache directory in ``TF_XLA_FLAGS`` (it wins), or a folder
+    that cannot be created or written (then a run just compiles, as without a cache)."""
+    flags = os.environ.get("TF_XLA_FLAGS", "")
+    if not folder or folder == "none" or "tf_xla_persistent_cache_directory" in flags:
+        return None
+    try:
+        version = importlib.metadata.version("tensorflow")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    target = os.path.join(os.path.expanduser(folder), f"tensorflow-{version}-{_cpu_id()}")
+    if any(character.isspace() for character in target):  # TF_XLA_FLAGS splits on spaces
+        return None
+    try:
+        os.makedirs(target, exist_ok=True)
+    except OSError:
+        return None
+    if not os.access(target, os.W_OK | os.X_OK):
+        return None
+    os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={target}".strip()
+    return target
+
+
+def _cpu_id():
+    """A short hash of this CPU's model and instruction-set flags (Linux's /proc/cpuinfo;
+    elsewhere the platform's description)."""
+    import platform
+
+    description = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as stream:
+            lines = [line for line in stream if line.startswith(("model name", "flags"))]
+        description += "".join(sorted(set(lines)))
+    except OSError:
+        pass
+    return hashlib.sha256(description.encode()).hexdigest()[:12]
 
 
 @contextlib.contextmanager
