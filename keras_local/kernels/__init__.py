@@ -34,6 +34,10 @@ class PortablePaths:
         """LeakyReLU(x) for training, or None."""
         return None
 
+    def dropout(self, layer, inputs):
+        """The training output of the Dropout ``layer`` (rate > 0, no noise shape), or None."""
+        return None
+
     def spatial_std(self, flat):
         """Per-channel std over the positions of (B, positions, C) (ddof=1), or None."""
         return None

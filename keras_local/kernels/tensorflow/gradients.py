@@ -62,10 +62,16 @@ def active():
     (jit_compile=True)."""
     if _PLAIN_AUTODIFF.get() or keras.backend.backend() != "tensorflow":
         return False
+    return not in_xla()
+
+
+def in_xla():
+    """True while a TensorFlow function is being traced for XLA (jit_compile=True).
+    TensorFlow has no public test for this."""
     import tensorflow as tf
     from tensorflow.python.ops import control_flow_util
 
-    return not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 # channel_sum adds the batch axis in groups of this many rows (zero rows pad the last).
