@@ -8,6 +8,8 @@ import tensorflow as tf
 import keras_local as kl
 from keras_local.layers.block import SEED_OFFSETS, part_seed
 
+from helpers import to_numpy
+
 
 def bio_config(**changes):
     base = dict(num_layers=2, num_hidden=16, dropout=0.0, bio=True, target_proj_size=12,
@@ -18,7 +20,7 @@ def bio_config(**changes):
 
 def numpy_of(value):
     """A variable's or tensor's value as float64 NumPy, on any backend."""
-    return keras.ops.convert_to_numpy(value).astype("float64")
+    return to_numpy(value).astype("float64")
 
 
 def fa_layer_with_random_kernel(rng, fan_in=7, units=5):

@@ -13,10 +13,9 @@ import sys
 import pytest
 
 import keras_local as kl
-from keras_local.cli.train import main as train_main  # what train.py runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT}
+from helpers import history_epochs, one_line_error, train_main
+
 # Every option at its default but the size of the run (similarity images stay on).
 TINY = ["--dataset", "fashion_mnist_demo", "--model", "mlp", "--num-layers", "1",
         "--num-hidden", "32", "--max-train-examples", "256", "--batch-size", "64",
@@ -34,12 +33,6 @@ def digest(folder):
             with open(path, "rb") as stream:
                 found[os.path.relpath(path, folder)] = hashlib.sha256(stream.read()).hexdigest()
     return found
-
-
-def one_line_error(capsys):
-    captured = capsys.readouterr()
-    assert captured.err.count("\n") == 1, captured.err
-    return captured.err
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +61,6 @@ def run_copy(interrupted, tmp_path):
     target = tmp_path / "run"
     shutil.copytree(interrupted, target)
     return target
-
-
-def history_epochs(run_dir):
-    import csv
-
-    return [int(row["epoch"]) for row in csv.DictReader(open(run_dir / "history.csv"))]
 
 
 # ------------------------------------------------------------------------------ resume
