@@ -123,3 +123,21 @@ def numpy_similarity(x, use_std=True):
     z = z - z.mean(axis=1, keepdims=True)
     z = z / (1e-8 + np.sqrt((z**2).sum(axis=1, keepdims=True)))
     return np.clip(z @ z.T, -1, 1)
+
+
+def fashion_mnist_mlp_error(data, seed=1, **changes):
+    """Test error (%) of the paper's 3x1024 mlp recipe options (docs/method.md section
+    10) with ``changes``, after 2 epochs on ``data`` (the conftest fixture
+    ``fashion_mnist_small``: normalised demo images)."""
+    import keras
+
+    import keras_local as kl
+
+    (x_train, y_train), (x_test, y_test) = data
+    keras.utils.set_random_seed(seed)
+    config = kl.Config(num_layers=3, num_hidden=1024, dropout=0.1, nonlin="leakyrelu",
+                       lr=5e-4, **changes)
+    model = kl.build_model("mlp", (28, 28, 1), 10, config)
+    model.compile()
+    model.fit(x_train, y_train, batch_size=128, epochs=2, verbose=0)
+    return model.evaluate(x_test, y_test, batch_size=500, verbose=0, return_dict=True)["error"]

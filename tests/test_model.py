@@ -4,7 +4,7 @@ import keras
 
 import keras_local as kl
 
-from helpers import weights_by_path
+from helpers import fashion_mnist_mlp_error, weights_by_path
 
 
 def small_config(**changes):
@@ -188,17 +188,8 @@ def test_config_rejects_bad_values(bad, message):
 def test_fashion_mnist_predsim_mlp_learns(fashion_mnist_small):
     """The paper's mlp recipe options (docs/method.md section 10), 2 epochs on the 8,000
     demo images: under 20% test error."""
-    (x_train, y_train), (x_test, y_test) = fashion_mnist_small
-    errors = {}
-    for backprop in (False, True):
-        keras.utils.set_random_seed(1)
-        config = kl.Config(num_layers=3, num_hidden=1024, dropout=0.1, nonlin="leakyrelu",
-                           lr=5e-4, backprop=backprop)
-        model = kl.build_model("mlp", (28, 28, 1), 10, config)
-        model.compile()
-        model.fit(x_train, y_train, batch_size=128, epochs=2, verbose=0)
-        errors[backprop] = model.evaluate(x_test, y_test, batch_size=500, verbose=0,
-                                          return_dict=True)["error"]
+    errors = {backprop: fashion_mnist_mlp_error(fashion_mnist_small, backprop=backprop)
+              for backprop in (False, True)}
     assert errors[False] < 20.0
     assert errors[True] < 25.0
 
