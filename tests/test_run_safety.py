@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import keras_local as kl
@@ -115,6 +116,9 @@ def test_unreadable_backup_is_kept_aside_when_the_checkpoint_restores(tmp_path):
 
     model = kl.build_model("mlp", (4,), 3, kl.Config(num_hidden=8))
     model.compile()
+    # A checkpoint of a run that trained: its optimizer holds all its variables (one saved
+    # before the first step holds 2 of 20, and Keras warns when loading it).
+    model.train_on_batch(np.zeros((8, 4), "float32"), np.zeros(8, "int32"))
     save_model_atomically(model, str(tmp_path / "checkpoints" / "last.keras"),
                           epochs_completed=2)
     (tmp_path / "backup").mkdir()
