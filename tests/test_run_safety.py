@@ -3,12 +3,14 @@ restore stops before writing, a run directory is held by one process, an export 
 an export, and a full disk or an unwritable place is one line with the last checkpoint kept."""
 
 import errno
+import gc
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -62,6 +64,23 @@ def run_copy(interrupted, tmp_path):
     target = tmp_path / "run"
     shutil.copytree(interrupted, target)
     return target
+
+
+def test_an_interrupted_run_closes_its_files(tmp_path):
+    """Ctrl-C inside fit: Keras skips on_train_end, which closes history.csv."""
+    from keras_local.run.callbacks import NaNGuard
+
+    def stop_in_epoch_2(self, batch, logs=None):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        patch.setattr(NaNGuard, "on_train_batch_begin", stop_in_epoch_2, raising=False)
+        assert train_main([*TINY, "--save-dir", str(tmp_path)]) == 130
+        gc.collect()
+    unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not unclosed, unclosed
 
 
 # ------------------------------------------------------------------------------ resume
@@ -170,6 +189,7 @@ def test_a_second_process_on_the_same_run_is_refused(run_copy, capsys):
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
     lock = lock_run_dir(str(run_copy))  # released by the OS with the dead process
     lock.close()
 
