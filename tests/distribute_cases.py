@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+from helpers import weights_by_path
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -24,12 +26,6 @@ def use_logical_cpus(count):
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
-
-
-def weights(model):
-    import keras
-
-    return {v.path.split("/", 1)[1]: keras.ops.convert_to_numpy(v) for v in model.weights}
 
 
 def max_diff(a, b, keys=None):
@@ -74,7 +70,7 @@ def mirrored_case(data, work):
 
     keras.utils.set_random_seed(3)
     reference = build(tf.distribute.get_strategy().scope())
-    initial, initial_by_path = reference.get_weights(), weights(reference)
+    initial, initial_by_path = reference.get_weights(), weights_by_path(reference)
 
     # Several steps per execution with 2 replicas: refused at compile, in one line.
     try:
@@ -92,9 +88,9 @@ def mirrored_case(data, work):
         single = build(tf.distribute.get_strategy().scope(), config.replace(strategy="one"))
         single.set_weights(initial)
         one_step(single, x, y)
-        singles.append(weights(single))
+        singles.append(weights_by_path(single))
     expected = {k: (singles[0][k] + singles[1][k]) / 2 for k in singles[0]}
-    got = weights(mirrored)
+    got = weights_by_path(mirrored)
     moving = [k for k in got if "moving_" in k]
     trainable = [k for k in got if k not in moving]
     result["trainable_max_diff"] = max_diff(got, expected, trainable)
@@ -115,7 +111,7 @@ def mirrored_case(data, work):
                 for v in head.trainable_weights:
                     v.assign(np.random.default_rng(7).normal(size=v.shape).astype("float32"))
         one_step(model, np.concatenate([xa, xb]), np.concatenate([ya, yb]))
-        outcomes.append(weights(model))
+        outcomes.append(weights_by_path(model))
     block_1 = [k for k in outcomes[0] if k.startswith("block_1/") and "head" not in k]
     last = mirrored.local_blocks[-1].name
     last_encoder = [k for k in outcomes[0] if k.startswith(f"{last}/") and "head" not in k]
@@ -127,7 +123,7 @@ def mirrored_case(data, work):
     mirrored.save_weights(path)
     restored = build(strategy.scope())
     restored.load_weights(path)
-    result["checkpoint_max_diff"] = max_diff(weights(restored), got)
+    result["checkpoint_max_diff"] = max_diff(weights_by_path(restored), got)
     x_eval = data["x"][:64]
     result["checkpoint_predict_diff"] = float(np.abs(
         restored.predict(x_eval, verbose=0) - mirrored.predict(x_eval, verbose=0)).max())
@@ -165,7 +161,7 @@ def mirrored_case(data, work):
     result["epochs_before_interruption"] = fit(interrupted, backup, interrupt_after=2)
     resumed = build(strategy.scope(), adam)  # fresh weights: the backup must restore them
     result["epochs_after_restart"] = fit(resumed, backup)
-    result["resumed_vs_straight_max_diff"] = max_diff(weights(resumed), weights(straight))
+    result["resumed_vs_straight_max_diff"] = max_diff(weights_by_path(resumed), weights_by_path(straight))
     return result
 
 

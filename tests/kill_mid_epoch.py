@@ -6,8 +6,9 @@ import os
 import signal
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from helpers import ROOT, train_main
+
+sys.path.insert(0, ROOT)  # this checkout's keras_local
 
 
 def main():
@@ -22,8 +23,6 @@ def main():
         return original(self, batch, logs)
 
     NaNGuard.on_train_batch_begin = on_train_batch_begin
-    from train import main as train_main
-
     return train_main(sys.argv[3:])
 
 

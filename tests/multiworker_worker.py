@@ -17,6 +17,8 @@ import json
 import os
 import time
 
+from helpers import to_numpy
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -62,7 +64,7 @@ def main():
     model.fit(data["x"], data["y"], batch_size=args.batch_size, epochs=args.epochs,
               shuffle=False, verbose=0, callbacks=callbacks)
     np.savez(os.path.join(args.out, f"weights_{task}.npz"),
-             **{v.path: keras.ops.convert_to_numpy(v) for v in model.weights})
+             **{v.path: to_numpy(v) for v in model.weights})
     with open(os.path.join(args.out, f"chief_{task}.txt"), "w") as f:
         f.write(str(is_chief(strategy)))
     print(f"worker {task} done", flush=True)

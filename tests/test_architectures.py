@@ -4,9 +4,7 @@ import pytest
 import keras_local as kl
 from keras_local.layers.heads import DecoderPooling, decoder_pool_geometry
 
-
-def backbone_params(model):
-    return sum(int(np.prod(v.shape)) for v in model.inference_model().trainable_weights)
+from helpers import backbone_params
 
 
 # docs/method.md section 5: backbone parameter counts.

@@ -16,6 +16,8 @@ import sys
 import numpy as np
 import pytest
 
+from helpers import to_numpy, weights_by_path
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKENDS = ("tensorflow", "jax", "torch")
 BACKEND_PACKAGES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
@@ -43,13 +45,6 @@ PARITY_CASES = {
 FAST_PARITY_CASES = ()
 PARITY_PARAMS = [name if name in FAST_PARITY_CASES else pytest.param(name, marks=pytest.mark.slow)
                  for name in PARITY_CASES]
-
-
-def weights_by_path(model):
-    """Weight values keyed by their path inside the model (without the model's name)."""
-    import keras
-
-    return {v.path.split("/", 1)[1]: keras.ops.convert_to_numpy(v) for v in model.weights}
 
 
 # ------------------------------------------------------------------ the worker
@@ -246,16 +241,16 @@ def test_fit_evaluate_predict_on_this_backend(rng, precision):
     model.compile()
     x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
     y = rng.integers(0, NUM_CLASSES, 32).astype("int32")
-    before = keras.ops.convert_to_numpy(model.local_blocks[0].encoder.kernel)
+    before = to_numpy(model.local_blocks[0].encoder.kernel)
     history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
     for key, values in history.history.items():
         assert np.all(np.isfinite(values)), key
         if key.endswith("_loss"):  # the blocks' metrics were updated
             assert values[-1] > 0, key
     assert "block_5_sim_loss" in history.history and "block_5_error" in history.history
-    after = keras.ops.convert_to_numpy(model.local_blocks[0].encoder.kernel)
+    after = to_numpy(model.local_blocks[0].encoder.kernel)
     assert np.abs(after - before).max() > 1e-3, "fit did not update the weights"
-    moving_mean = keras.ops.convert_to_numpy(model.local_blocks[0].bn.moving_mean)
+    moving_mean = to_numpy(model.local_blocks[0].bn.moving_mean)
     assert np.abs(moving_mean).max() > 0, "BatchNorm statistics never moved"
     logits = model.predict(x, batch_size=8, verbose=0)
     np.testing.assert_allclose(logits, keras.ops.convert_to_numpy(model(x)), rtol=tolerance,

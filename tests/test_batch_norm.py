@@ -7,6 +7,8 @@ import pytest
 import keras_local as kl
 from keras_local.layers.batch_norm import TorchBatchNormalization
 
+from helpers import to_numpy
+
 
 @pytest.mark.parametrize("shape", [(8, 3), (4, 3, 5, 2)])
 def test_moving_variance_is_the_unbiased_batch_variance(rng, shape):
@@ -14,9 +16,9 @@ def test_moving_variance_is_the_unbiased_batch_variance(rng, shape):
     axes = tuple(range(len(shape) - 1))  # N = batch x spatial positions
     layer = TorchBatchNormalization(momentum=0.0, epsilon=1e-5)
     out = keras.ops.convert_to_numpy(layer(x, training=True))
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.moving_variance),
+    np.testing.assert_allclose(to_numpy(layer.moving_variance),
                                x.var(axis=axes, ddof=1), rtol=1e-5)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.moving_mean),
+    np.testing.assert_allclose(to_numpy(layer.moving_mean),
                                x.mean(axis=axes), rtol=1e-5, atol=1e-6)
     # The batch is normalised with the biased variance, as in both frameworks.
     biased = (x - x.mean(axis=axes)) / np.sqrt(x.var(axis=axes) + 1e-5)
@@ -31,12 +33,12 @@ def test_moving_variance_with_momentum_follows_pytorch(rng):
     for x in batches:
         layer(x, training=True)
         running_var = 0.9 * running_var + 0.1 * x.var(axis=(0, 1, 2), ddof=1)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.moving_variance), running_var,
+    np.testing.assert_allclose(to_numpy(layer.moving_variance), running_var,
                                rtol=1e-5)
     plain = keras.layers.BatchNormalization(momentum=0.9)
     for x in batches:
         plain(x, training=True)
-    assert not np.allclose(keras.ops.convert_to_numpy(plain.moving_variance), running_var,
+    assert not np.allclose(to_numpy(plain.moving_variance), running_var,
                            rtol=1e-3)
 
 

@@ -12,7 +12,6 @@ import pytest
 import keras_local as kl
 from keras_local.cli.export import main as export_main
 from keras_local.cli.predict import main as predict_main
-from keras_local.cli.train import main as train_main
 from keras_local.run.json_files import MAX_JSON_DEPTH, JSONFileError, read_json_file
 from keras_local.run.model_files import (
     MAX_PARAMETERS,
@@ -23,17 +22,13 @@ from keras_local.run.model_files import (
     memory_available,
 )
 
+from helpers import one_line_error, train_main
+
 DEMO = ["--dataset", "fashion_mnist_demo"]
 
 
 def size(variables):
     return sum(math.prod(v.shape) for v in variables)
-
-
-def one_line_error(capsys):
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 # ------------------------------------------------------------------ the estimate

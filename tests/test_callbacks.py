@@ -242,3 +242,23 @@ def test_similarity_images_of_residual_networks(tmp_path, model):
     assert len(tags) == len(network.local_blocks) > 2
     for tag in tags:
         assert decode(accumulator.Tensors(tag)[0]).shape == (8, 2 * 8 + 2, 3)
+
+
+def test_random_streams_reads_its_variables_without_a_warning():
+    """RandomStreams reads every SeedGenerator and the step counter once per batch:
+    through keras.ops.convert_to_numpy a TensorFlow variable makes NumPy 2 warn each time."""
+    import warnings
+
+    import keras_local as kl
+    from keras_local.run.callbacks import RandomStreams
+
+    config = kl.Config(num_layers=2, num_hidden=16, dropout=0.1, jit_compile=False)
+    model = kl.build_model("mlp", (6, 6, 1), 4, config)
+    model.compile()
+    streams = RandomStreams()
+    streams.set_model(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        streams.on_train_begin()
+        streams.on_train_batch_begin(0)
+    assert streams.generators, "the dropout model has SeedGenerators to set"

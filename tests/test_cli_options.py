@@ -9,12 +9,10 @@ import pytest
 from keras_local.cli import train
 from keras_local.config import Config, option
 
+from helpers import help_text
+
 # Config fields that are not command-line options: set by the run itself.
 NOT_OPTIONS = {"class_names"}  # found by the folder scan, kept for the export
-
-
-def help_text(parser):
-    return " ".join(parser.format_help().split())  # independent of the terminal width
 
 
 @dataclasses.dataclass

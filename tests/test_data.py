@@ -1,4 +1,5 @@
 import gzip
+import pathlib
 import pickle
 
 import numpy as np
@@ -34,7 +35,7 @@ def test_idx_round_trip_and_truncation(tmp_path):
     path = str(tmp_path / "a-idx3-ubyte.gz")
     write_idx(path, array)
     np.testing.assert_array_equal(read_idx(path), array)
-    raw = gzip.decompress(open(path, "rb").read())
+    raw = gzip.decompress(pathlib.Path(path).read_bytes())
     with gzip.open(path, "wb") as stream:
         stream.write(raw[:-5])
     with pytest.raises(DataFileError, match="truncated"):

@@ -20,14 +20,11 @@ them: ``python -m pytest -q -m slow tests/test_default_paths.py``); the remainin
 (``python -m pytest -q -m matrix tests/test_default_paths.py``, by hand before a release).
 """
 
-import csv
 import gzip
 import json
 import os
 import pickle
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -37,10 +34,10 @@ from keras_local.data.catalogue import list_datasets
 from keras_local.data.loading import MNIST_FAMILY
 from keras_local.models import list_models
 
+from helpers import history_epochs, run_python
+
 pytestmark = pytest.mark.tensorflow_only
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT}
 SMALL_FEAT_MULT = "0.0625"
 MODES = {"predsim": [], "backprop": ["--backprop"], "bio": ["--bio"]}
 # The one row of the default suite: the cheapest.
@@ -149,16 +146,6 @@ def dataset_args(name, root, image_size=None):
 
 
 # ------------------------------------------------------------------ one run's whole life
-def run(*args, timeout=1800):
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, cwd=ROOT)
-
-
-def history_epochs(run_dir):
-    with open(os.path.join(run_dir, "history.csv")) as stream:
-        return [int(row["epoch"]) for row in csv.DictReader(stream)]
-
-
 def similarity_tags(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -174,15 +161,15 @@ def whole_life(tmp_path, args, image, capsys):
     from export.predict import main as predict_main
 
     save_dir = tmp_path / "runs"
-    killed = run("tests/kill_mid_epoch.py", "2", "1", *args, "--epochs", "2",
-                 "--save-dir", save_dir)
+    killed = run_python("tests/kill_mid_epoch.py", "2", "1", *args, "--epochs", "2",
+                        "--save-dir", save_dir, timeout=1800)
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL in epoch 2, batch 1
     (run_dir,) = [str(path) for path in save_dir.iterdir()]
     assert history_epochs(run_dir) == [0]
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "last.keras"))
     assert any(tag.startswith("similarity/") for tag in similarity_tags(run_dir))
 
-    resumed = run("train.py", "--resume", run_dir)
+    resumed = run_python("train.py", "--resume", run_dir, timeout=1800)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert history_epochs(run_dir) == [0, 1]
     assert os.path.isfile(os.path.join(run_dir, "results.json"))

@@ -7,6 +7,7 @@ set up before TensorFlow runs its first op, which this pytest process already ha
 
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -230,13 +231,13 @@ class Cluster:
     def start(self, task, out, *extra):
         os.makedirs(out, exist_ok=True)
         tf_config = {"cluster": {"worker": self.workers}, "task": {"type": "worker", "index": task}}
-        log = open(os.path.join(out, f"log_{task}.txt"), "w")
-        self.procs[task] = subprocess.Popen(
-            [sys.executable, os.path.join(TESTS_DIR, "multiworker_worker.py"),
-             "--data", str(self.data_path), "--out", str(out), "--epochs", str(self.epochs),
-             "--backup-dir", str(self.backup_dir), *extra],
-            cwd=REPO_DIR, env=child_env(TF_CONFIG=json.dumps(tf_config)),
-            stdout=log, stderr=subprocess.STDOUT)
+        with open(os.path.join(out, f"log_{task}.txt"), "w") as log:  # the child keeps its copy
+            self.procs[task] = subprocess.Popen(
+                [sys.executable, os.path.join(TESTS_DIR, "multiworker_worker.py"),
+                 "--data", str(self.data_path), "--out", str(out), "--epochs", str(self.epochs),
+                 "--backup-dir", str(self.backup_dir), *extra],
+                cwd=REPO_DIR, env=child_env(TF_CONFIG=json.dumps(tf_config)),
+                stdout=log, stderr=subprocess.STDOUT)
 
     def wait(self, task, timeout=CASE_TIMEOUT):
         try:
@@ -293,7 +294,7 @@ def multiworker_straight(tmp_path_factory):
     codes = [cluster.wait(task) for task in (0, 1)]
     for task in (0, 1):
         assert codes[task] == 0, worker_log(out, task)
-    chiefs = [open(os.path.join(out, f"chief_{task}.txt")).read() for task in (0, 1)]
+    chiefs = [pathlib.Path(os.path.join(out, f"chief_{task}.txt")).read_text() for task in (0, 1)]
     backups = sorted(os.listdir(work / "backup"))
     return {"data_path": data_path, "weights": [load_weights(out, task) for task in (0, 1)],
             "epochs": [epochs_run(out, task) for task in (0, 1)], "chiefs": chiefs,

@@ -19,6 +19,8 @@ from keras_local.exporting import ExportError, export_model
 
 from export.__main__ import main as export_main
 
+from helpers import normalise_fashion_mnist as normalise
+
 INFO = get_dataset_info("fashion_mnist")
 HEAD_WORDS = ("head", "projection", "feedback")
 # A few steps with a large learning rate: logits of order 1-10 make parity meaningful.
@@ -34,10 +36,6 @@ def raw_fashion_mnist(split, limit):
     """The first ``limit`` raw images of a split of the embedded demo, float32 NHWC."""
     images, labels = split
     return images[:limit].astype("float32"), labels[:limit].astype("int32")
-
-
-def normalise(raw):
-    return ((raw / 255.0 - np.float32(INFO.mean)) / np.float32(INFO.std)).astype("float32")
 
 
 def train(name, raw_images, labels, steps, batch_size=64, **options):

@@ -8,6 +8,8 @@ import tensorflow as tf
 import keras_local as kl
 from keras_local.layers.block import SEED_OFFSETS, part_seed
 
+from helpers import fashion_mnist_mlp_error, to_numpy
+
 
 def bio_config(**changes):
     base = dict(num_layers=2, num_hidden=16, dropout=0.0, bio=True, target_proj_size=12,
@@ -18,7 +20,7 @@ def bio_config(**changes):
 
 def numpy_of(value):
     """A variable's or tensor's value as float64 NumPy, on any backend."""
-    return keras.ops.convert_to_numpy(value).astype("float64")
+    return to_numpy(value).astype("float64")
 
 
 def fa_layer_with_random_kernel(rng, fan_in=7, units=5):
@@ -298,13 +300,6 @@ def test_bio_trains_with_every_loss_sup(rng, loss_sup):
 # through tests/test_train_cli.py's end-to-end run
 def test_bio_predsim_mlp_learns_fashion_mnist(fashion_mnist_small):
     """Issue 5: 3x1024 bio predsim MLP, 2 epochs on the 8,000 demo images: under 25% test error."""
-    (x_train, y_train), (x_test, y_test) = fashion_mnist_small
-    keras.utils.set_random_seed(1)
-    config = kl.Config(num_layers=3, num_hidden=1024, dropout=0.1, nonlin="leakyrelu",
-                       lr=5e-4, bio=True)
-    model = kl.build_model("mlp", (28, 28, 1), 10, config)
-    model.compile()
-    model.fit(x_train, y_train, batch_size=128, epochs=2, verbose=0)
-    error = model.evaluate(x_test, y_test, batch_size=500, verbose=0, return_dict=True)["error"]
+    error = fashion_mnist_mlp_error(fashion_mnist_small, bio=True)
     print(f"bio predsim MLP test error after 2 epochs: {error:.2f}%")
     assert error < 25.0

@@ -1,7 +1,6 @@
 """--dataset folder: a generated 3-class image folder trains, exports, and
 ``python -m export.predict`` names the folder's classes; bad folders fail in one line."""
 
-import json
 import os
 
 import numpy as np
@@ -11,9 +10,9 @@ from PIL import Image
 import keras_local as kl
 from keras_local.data.catalogue import dataset_info
 from keras_local.data.folders import describe_folder, load_folder, make_folder_datasets
-from keras_local.cli.train import main as train_main  # what train.py runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import read_json, train_main
+
 CLASSES = ("apple", "grass", "sky")
 COLOURS = {"apple": (200, 30, 30), "grass": (30, 180, 40), "sky": (40, 60, 210)}
 
@@ -31,8 +30,6 @@ def make_folder(root, per_class=(8, 3), size=(20, 24), classes=CLASSES, splits=(
                 ext = "png" if split == "train" else "jpg"
                 Image.fromarray(pixels).save(os.path.join(folder, f"{i}.{ext}"))
     return str(root)
-
-
 
 
 def test_folder_scan_fills_the_config(tmp_path):
@@ -70,10 +67,10 @@ def test_folder_trains_exports_and_predict_names_its_classes(tmp_path, capsys):
                        "--save-dir", str(save_dir), "--no-jit", "--quiet"])
     assert code == 0
     (run_dir,) = [str(p) for p in save_dir.iterdir()]
-    metadata = json.loads(open(os.path.join(run_dir, "export", "metadata.json")).read())
+    metadata = read_json(os.path.join(run_dir, "export", "metadata.json"))
     assert metadata["class_names"] == list(CLASSES)
     assert metadata["input"]["shape"] == [None, 12, 12, 3]
-    stored = json.loads(open(os.path.join(run_dir, "config.json")).read())
+    stored = read_json(os.path.join(run_dir, "config.json"))
     assert stored["class_names"] == list(CLASSES) and len(stored["data_mean"]) == 3
     from export.predict import main as predict_main
 

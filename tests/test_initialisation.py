@@ -2,14 +2,15 @@
 
 import math
 
-import keras
 import numpy as np
 
 import keras_local as kl
 
+from helpers import to_numpy
+
 
 def values(variable):
-    return keras.ops.convert_to_numpy(variable)
+    return to_numpy(variable)
 
 
 def assert_torch_uniform(bias, fan_in):

@@ -4,6 +4,8 @@ import keras
 
 import keras_local as kl
 
+from helpers import fashion_mnist_mlp_error, weights_by_path
+
 
 def small_config(**changes):
     base = dict(num_layers=3, num_hidden=16, dropout=0.0, optim="sgd", lr=0.1, jit_compile=False)
@@ -13,11 +15,6 @@ def small_config(**changes):
 
 def batch(rng, n=8, shape=(6, 6, 1), classes=4):
     return rng.normal(size=(n,) + shape).astype("float32"), rng.integers(0, classes, n).astype("int32")
-
-
-def weights_by_path(model):
-    """Weights keyed by their path inside the model (without the model's own name)."""
-    return {v.path.split("/", 1)[1]: keras.ops.convert_to_numpy(v) for v in model.weights}
 
 
 def train_once_with_altered_later_heads(config, rng, name="mlp", shape=(6, 6, 1)):
@@ -89,9 +86,9 @@ def test_backprop_mode_has_no_heads():
 
 def test_local_output_layer_starts_at_zero():
     model = kl.build_model("mlp", (6, 6, 1), 4, small_config())
-    assert not np.any(keras.ops.convert_to_numpy(model.output_layer.kernel))
+    assert not np.any(model.output_layer.kernel.numpy())
     for block in model.local_blocks:
-        assert not np.any(keras.ops.convert_to_numpy(block.heads["pred"].dense.kernel))
+        assert not np.any(block.heads["pred"].dense.kernel.numpy())
 
 
 @pytest.mark.parametrize("mode", ["pred", "sim", "predsim", "backprop", "no_detach"])
@@ -119,7 +116,7 @@ def test_inference_model_matches_trained_model(rng):
     x, y = batch(rng, n=32, shape=(8, 8, 3))
     model.fit(x, y, batch_size=8, epochs=2, verbose=0)
     bn = model.local_blocks[0].bn
-    assert not np.allclose(keras.ops.convert_to_numpy(bn.moving_mean), 0.0), "BN statistics never moved"
+    assert not np.allclose(bn.moving_mean.numpy(), 0.0), "BN statistics never moved"
     plain = model.inference_model()
     assert not any("head" in v.path or "dropout" in v.path for v in plain.weights)
     np.testing.assert_allclose(plain.predict(x, verbose=0),
@@ -191,17 +188,8 @@ def test_config_rejects_bad_values(bad, message):
 def test_fashion_mnist_predsim_mlp_learns(fashion_mnist_small):
     """The paper's mlp recipe options (docs/method.md section 10), 2 epochs on the 8,000
     demo images: under 20% test error."""
-    (x_train, y_train), (x_test, y_test) = fashion_mnist_small
-    errors = {}
-    for backprop in (False, True):
-        keras.utils.set_random_seed(1)
-        config = kl.Config(num_layers=3, num_hidden=1024, dropout=0.1, nonlin="leakyrelu",
-                           lr=5e-4, backprop=backprop)
-        model = kl.build_model("mlp", (28, 28, 1), 10, config)
-        model.compile()
-        model.fit(x_train, y_train, batch_size=128, epochs=2, verbose=0)
-        errors[backprop] = model.evaluate(x_test, y_test, batch_size=500, verbose=0,
-                                          return_dict=True)["error"]
+    errors = {backprop: fashion_mnist_mlp_error(fashion_mnist_small, backprop=backprop)
+              for backprop in (False, True)}
     assert errors[False] < 20.0
     assert errors[True] < 25.0
 

@@ -9,6 +9,8 @@ import keras_local as kl
 from keras_local import optimizers
 from keras_local.optimizers import TorchAdam, TorchSGD
 
+from helpers import to_numpy
+
 
 def torch_adam(w, grads, lr, beta_1=0.9, beta_2=0.999, eps=1e-8, weight_decay=0.0,
                amsgrad=False, lrs=None):
@@ -45,7 +47,7 @@ def keras_steps(optimizer, w, grads, lrs=None):
         if lrs is not None:
             optimizer.learning_rate = lrs[t]
         optimizer.apply([keras.ops.convert_to_tensor(g.astype("float32"))], [variable])
-    return keras.ops.convert_to_numpy(variable)
+    return to_numpy(variable)
 
 
 def assert_float32_close(got, want, steps):
@@ -124,8 +126,8 @@ def test_adam_update_at_a_given_step_uses_that_step_and_leaves_the_counter(rng, 
                              keras.ops.convert_to_tensor(1e-3), keras.ops.convert_to_tensor(3))
     m, v, t = 0.1 * g, 0.001 * g * g, 3
     want = w - 1e-3 / (1 - 0.9**t) * m / (np.sqrt(v) / np.sqrt(1 - 0.999**t) + 1e-8)
-    assert_float32_close(keras.ops.convert_to_numpy(variable), want, 1)
-    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 0
+    assert_float32_close(to_numpy(variable), want, 1)
+    assert int(to_numpy(optimizer.iterations)) == 0
 
 
 def test_keras_adam_places_epsilon_differently(rng):

@@ -20,12 +20,10 @@ from keras_local.exporting import export_model
 
 from export.predict import main as predict_main
 
+from helpers import normalise_fashion_mnist as normalise
+
 INFO = get_dataset_info("fashion_mnist")
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def normalise(raw):
-    return ((raw / 255.0 - np.float32(INFO.mean)) / np.float32(INFO.std)).astype("float32")
 
 
 def run_predict(*args, shim=False):
@@ -76,7 +74,7 @@ def parse_line(line):
 def test_predict_cli_classifies_a_png(learned, tmp_path):
     model_path, test_x, probabilities, index = learned
     png = tmp_path / "item.png"
-    Image.fromarray(test_x[index, :, :, 0].astype("uint8"), mode="L").save(png)
+    Image.fromarray(test_x[index, :, :, 0].astype("uint8")).save(png)
     result = run_predict(model_path, png)
     assert result.returncode == 0, result.stderr
     name, ranked = parse_line(result.stdout.strip())
@@ -89,7 +87,7 @@ def test_predict_cli_classifies_a_png(learned, tmp_path):
 def test_resized_rgb_jpeg_is_converted_to_the_model_input(learned, tmp_path, capsys):
     model_path, test_x, probabilities, index = learned
     jpeg = tmp_path / "big.jpg"
-    gray = Image.fromarray(test_x[index, :, :, 0].astype("uint8"), mode="L")
+    gray = Image.fromarray(test_x[index, :, :, 0].astype("uint8"))
     gray.resize((84, 84), Image.Resampling.NEAREST).convert("RGB").save(jpeg, quality=95)
     assert predict_main([str(model_path), str(jpeg), "--top-k", "1"]) == 0
     _, ranked = parse_line(capsys.readouterr().out.strip())

@@ -36,7 +36,8 @@ def test_filter_drops_the_known_noise_and_replays_the_rest():
     # A child process without pytest's capture, so that sys.stderr writes to fd 2; it loads
     # quiet.py alone (no TensorFlow import).
     result = subprocess.run(
-        [sys.executable, "-c", FILTER_SCRIPT, os.path.join(ROOT, "keras_local", "quiet.py"),
+        [sys.executable, "-c", FILTER_SCRIPT,
+         os.path.join(ROOT, "keras_local", "run", "quiet.py"),
          *(line.decode().rstrip("\n") for line in NOISE_LINES)],
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

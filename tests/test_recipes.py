@@ -9,16 +9,7 @@ import pytest
 
 from keras_local.recipes import RECIPES, apply_recipe, find_recipe, get_recipe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def train_module():
-    sys.path.insert(0, ROOT)
-    try:
-        import train
-    finally:
-        sys.path.remove(ROOT)
-    return train
+from helpers import ROOT, train_main
 
 
 # docs/method.md section 10, row by row: (recipe, epochs, first milestone, lr, dropout,
@@ -78,7 +69,7 @@ def test_the_matching_recipe_applies_unless_none():
 
 
 def test_unknown_recipe_is_one_line_exit_2(capsys):
-    assert train_module().main(["--recipe", "cifar10-vgg99-predsim"]) == 2
+    assert train_main(["--recipe", "cifar10-vgg99-predsim"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
     assert err.startswith("keras-local-train: error: unknown recipe 'cifar10-vgg99-predsim'; "
@@ -98,7 +89,7 @@ def test_list_recipes_cli():
 
 @pytest.mark.slow  # a train.py run on the full Fashion-MNIST files; CI runs it
 def test_fashion_mnist_mlp_recipe_trains_one_epoch(tmp_path, fashion_mnist_dir):
-    code = train_module().main([
+    code = train_main([
         "--recipe", "fashion_mnist-mlp-predsim", "--epochs", "1", "--num-hidden", "64",
         "--max-train-examples", "512", "--data-dir", fashion_mnist_dir,
         "--save-dir", str(tmp_path), "--no-export", "--quiet"])

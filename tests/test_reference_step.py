@@ -24,6 +24,8 @@ import keras
 
 import keras_local as kl
 
+from helpers import to_numpy, weights_by_path
+
 pytestmark = pytest.mark.tensorflow_only
 
 BETA = 0.99
@@ -354,10 +356,6 @@ class ReferenceNet:
 
 
 # -------------------------------------------------------------------------- the tests
-def _weights(model):
-    return {v.path.split("/", 1)[1]: keras.ops.convert_to_numpy(v) for v in model.weights}
-
-
 def _layers(model):
     layers = []
     for layer in model.feature_layers:
@@ -372,7 +370,7 @@ def _layers(model):
 
 def _first_moments(model):
     optimizer = model.optimizer
-    return {v.path.split("/", 1)[1]: keras.ops.convert_to_numpy(
+    return {v.path.split("/", 1)[1]: to_numpy(
         optimizer._momentums[optimizer._get_variable_index(v)])
         for v in model.trainable_variables}
 
@@ -399,7 +397,7 @@ def test_training_steps_match_float64_reference(case):
     config = kl.Config(model=architecture, dropout=0.0, lr=lr, seed=3, **changes)
     model = kl.build_model(architecture, shape, num_classes, config)
     model.compile()
-    reference = ReferenceNet(_layers(model), _weights(model), 0.01 if config.nonlin == "leakyrelu"
+    reference = ReferenceNet(_layers(model), weights_by_path(model), 0.01 if config.nonlin == "leakyrelu"
                              else 0.0, config.bio, config.dim_in_decoder)
     rng = np.random.default_rng(11)
     # Offset inputs: the first BatchNorm sees a mean larger than its spread.
@@ -408,7 +406,7 @@ def test_training_steps_match_float64_reference(case):
     for step, (x, y) in enumerate(batches, start=1):
         grads = reference.step(x, y, num_classes, lr)
         model.train_on_batch(x, y)
-        got = _weights(model)
+        got = weights_by_path(model)
         for path in grads:
             if path.endswith("encoder/bias"):
                 # Followed by BatchNorm, the encoder bias has gradient 0 in exact arithmetic;

@@ -13,9 +13,9 @@ from keras import ops
 
 import keras_local as kl
 from keras_local.losses.registry import LocalLossInputs, get_local_loss
-from keras_local.cli.train import main as train_main  # what train.py runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, train_main
+
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 TINY = ["--dataset", "fashion_mnist_demo", "--model", "mlp", "--num-layers", "2",
         "--num-hidden", "32", "--max-train-examples", "512", "--batch-size", "64",
@@ -29,8 +29,6 @@ def pred_plus_activation_l2(x: LocalLossInputs):
     activation_l2 = ops.mean(ops.square(x.h))
     return {"loss": pred + 0.01 * activation_l2, "pred_loss": pred,
             "activation_l2": activation_l2, "scores": scores}
-
-
 
 
 def test_help_lists_the_registries_without_starting_a_backend():

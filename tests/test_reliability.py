@@ -4,47 +4,27 @@ One test per break of issue 15: outputs never replace their inputs, readers boun
 a file may make them allocate before allocating, exported files are verified before use,
 resume decides from what is on disk and is exact, bad input is one line and exit 2."""
 
-import csv
-import glob
 import json
 import os
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 
 import keras_local as kl
-from keras_local.cli.train import main as train_main  # what train.py runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT}
+from helpers import ENV, ROOT, history_epochs, only_run_dir, read_json, run_python, to_numpy, train_main
+
 TINY = ["--dataset", "fashion_mnist_demo", "--model", "mlp", "--num-layers", "1",
         "--num-hidden", "32", "--max-train-examples", "512", "--batch-size", "64",
         "--dropout", "0.2", "--cutout", "--length", "8", "--seed", "3",
         "--lr-decay-milestones", "2", "--no-export", "--quiet", "--deterministic", "--no-jit"]
 
 
-def run(*args, timeout=300):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, cwd=ROOT)
-
-
-def only_run_dir(save_dir):
-    runs = glob.glob(os.path.join(save_dir, "*"))
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
 def weights(run_dir, name="model.keras"):
     model = kl.load_model(os.path.join(run_dir, name))
-    return model, [keras.ops.convert_to_numpy(v) for v in model.weights]
-
-
-def history_epochs(run_dir):
-    return [int(row["epoch"]) for row in
-            csv.DictReader(open(os.path.join(run_dir, "history.csv")))]
+    return model, [to_numpy(v) for v in model.weights]
 
 
 # ------------------------------------------------------------------ resume (breaks 4, 7)
@@ -64,7 +44,7 @@ def test_sigkill_mid_epoch_2_then_resume_gives_the_uninterrupted_weights(tmp_pat
     run_dir = only_run_dir(killed)
     assert not os.path.exists(os.path.join(run_dir, "results.json"))
     assert history_epochs(run_dir) == [0]
-    result = run("train.py", "--resume", run_dir, "--quiet", "--no-export")
+    result = run_python("train.py", "--resume", run_dir, "--quiet", "--no-export")
     assert result.returncode == 0, result.stderr[-2000:]
     assert history_epochs(run_dir) == [0, 1, 2]
 
@@ -87,8 +67,9 @@ def test_sigkill_mid_epoch_2_then_resume_gives_the_uninterrupted_weights(tmp_pat
         json.dump({"epoch": 1, "batch": 0}, stream)
     # No epoch is trained from here on: in this process, without global op determinism.
     config_path = os.path.join(run_dir, "config.json")
-    config = json.load(open(config_path))
-    json.dump({**config, "deterministic": False}, open(config_path, "w"))
+    config = read_json(config_path)
+    with open(config_path, "w") as stream:
+        json.dump({**config, "deterministic": False}, stream)
     capsys.readouterr()
     assert train_main(["--resume", run_dir, "--quiet", "--no-export"]) == 0
     out = capsys.readouterr().out

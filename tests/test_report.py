@@ -6,13 +6,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
 from keras_local.report import main as report_main
 from keras_local.report import run_summary
+
+from helpers import console_script
 
 
 def history(run_dir):
@@ -134,14 +135,6 @@ def test_end_of_run_summary_names_results_places_and_next_commands(tiny_runs, tm
     text = "\n".join(run_summary(str(exported), exported=True))
     assert f"exported model   {exported / 'export'}" in text
     assert f"keras-local-predict {exported / 'export' / 'model.onnx'} IMAGE.png" in text
-
-
-def console_script(name):
-    """The installed console script ``name`` (``pip install -e .`` puts it beside the
-    interpreter)."""
-    path = shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name)
-    assert path, f"console script {name} not installed: pip install -e '.[dev]' first"
-    return path
 
 
 def test_keras_local_report_console_script_runs(tiny_runs, tmp_path):

@@ -14,6 +14,8 @@ from keras_local.models.modules import module_sizes
 from keras_local.models.resnet import RESNETS, WIDE_RESNETS
 from keras_local.steps import rule
 
+from helpers import backbone_params, weights_by_path
+
 SHAPE = (8, 8, 3)
 RESIDUAL_NAMES = list(RESNETS) + [n + s for n in WIDE_RESNETS for s in ("", "a")]
 HEAVY = {"resnet101", "resnet152"}  # 100+ convs: a build takes 5-10 s here
@@ -84,10 +86,6 @@ def script_parameter_count(name, num_classes=10, input_ch=3, feat_mult=1.0, pre_
     return total, dead
 
 
-def backbone_params(model):
-    return sum(int(np.prod(v.shape)) for v in model.inference_model().trainable_weights)
-
-
 @pytest.mark.parametrize("name,expected", [
     ("resnet18", 11_173_962), ("resnet34", 21_282_122), ("resnet50", 23_520_842),
     ("wresnet16-4", 2_751_178), ("wresnet28-10", 36_489_322)])
@@ -139,10 +137,6 @@ def small(**changes):
 def batch(rng, n=8, classes=4):
     return (rng.normal(size=(n,) + SHAPE).astype("float32"),
             rng.integers(0, classes, n).astype("int32"))
-
-
-def weights_by_path(model):
-    return {v.path.split("/", 1)[1]: keras.ops.convert_to_numpy(v) for v in model.weights}
 
 
 def owned(weights, block):

@@ -3,20 +3,22 @@ restore stops before writing, a run directory is held by one process, an export 
 an export, and a full disk or an unwritable place is one line with the last checkpoint kept."""
 
 import errno
+import gc
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 
+import numpy as np
 import pytest
 
 import keras_local as kl
-from keras_local.cli.train import main as train_main  # what train.py runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT}
+from helpers import history_epochs, one_line_error, train_main
+
 # Every option at its default but the size of the run (similarity images stay on).
 TINY = ["--dataset", "fashion_mnist_demo", "--model", "mlp", "--num-layers", "1",
         "--num-hidden", "32", "--max-train-examples", "256", "--batch-size", "64",
@@ -34,12 +36,6 @@ def digest(folder):
             with open(path, "rb") as stream:
                 found[os.path.relpath(path, folder)] = hashlib.sha256(stream.read()).hexdigest()
     return found
-
-
-def one_line_error(capsys):
-    captured = capsys.readouterr()
-    assert captured.err.count("\n") == 1, captured.err
-    return captured.err
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +66,21 @@ def run_copy(interrupted, tmp_path):
     return target
 
 
-def history_epochs(run_dir):
-    import csv
+def test_an_interrupted_run_closes_its_files(tmp_path):
+    """Ctrl-C inside fit: Keras skips on_train_end, which closes history.csv."""
+    from keras_local.run.callbacks import NaNGuard
 
-    return [int(row["epoch"]) for row in csv.DictReader(open(run_dir / "history.csv"))]
+    def stop_in_epoch_2(self, batch, logs=None):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        patch.setattr(NaNGuard, "on_train_batch_begin", stop_in_epoch_2, raising=False)
+        assert train_main([*TINY, "--save-dir", str(tmp_path)]) == 130
+        gc.collect()
+    unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not unclosed, unclosed
 
 
 # ------------------------------------------------------------------------------ resume
@@ -128,6 +135,9 @@ def test_unreadable_backup_is_kept_aside_when_the_checkpoint_restores(tmp_path):
 
     model = kl.build_model("mlp", (4,), 3, kl.Config(num_hidden=8))
     model.compile()
+    # A checkpoint of a run that trained: its optimizer holds all its variables (one saved
+    # before the first step holds 2 of 20, and Keras warns when loading it).
+    model.train_on_batch(np.zeros((8, 4), "float32"), np.zeros(8, "int32"))
     save_model_atomically(model, str(tmp_path / "checkpoints" / "last.keras"),
                           epochs_completed=2)
     (tmp_path / "backup").mkdir()
@@ -179,6 +189,7 @@ def test_a_second_process_on_the_same_run_is_refused(run_copy, capsys):
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
     lock = lock_run_dir(str(run_copy))  # released by the OS with the dead process
     lock.close()
 

@@ -11,18 +11,7 @@ from keras_local.losses.maths import (
     similarity_matrix,
 )
 
-
-def numpy_similarity(x):
-    """docs/method.md section 3, written out in NumPy on NCHW-equivalent data."""
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim == 4 and x.shape[-1] > 3 and x.shape[1] > 1:
-        b, h, w, c = x.shape
-        z = x.reshape(b, h * w, c).std(axis=1, ddof=1)
-    else:
-        z = x.reshape(x.shape[0], -1)
-    z = z - z.mean(axis=1, keepdims=True)
-    z = z / (1e-8 + np.sqrt((z**2).sum(axis=1, keepdims=True)))
-    return np.clip(z @ z.T, -1, 1)
+from helpers import numpy_similarity
 
 
 @pytest.mark.parametrize("shape", [(6, 20), (5, 4, 4, 8), (5, 4, 4, 3), (4, 1, 1, 16), (3, 7)])

@@ -1,9 +1,7 @@
-import csv
 import glob
 import gzip
-import json
 import os
-import shutil
+import pathlib
 import signal
 import subprocess
 import sys
@@ -15,23 +13,15 @@ import keras
 
 import keras_local as kl
 from keras_local.run.callbacks import AtomicCheckpoint, NaNGuard, NonFiniteLossError
-from keras_local.cli.train import main as train_main  # what train.py runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, console_script, help_text, history_epochs, history_rows, only_run_dir, read_json, to_numpy, train_main
+
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
 
 
 def train_cli(*args, timeout=300):
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args],
                           capture_output=True, text=True, timeout=timeout, env=ENV)
-
-
-def only_run_dir(save_dir):
-    runs = glob.glob(os.path.join(save_dir, "*"))
-    assert len(runs) == 1, runs
-    return runs[0]
 
 
 def tensorboard_scalars(log_dir):
@@ -56,7 +46,7 @@ def test_cli_trains_fashion_mnist_end_to_end(tmp_path, fashion_mnist_idx_dir):
                        "--max-train-examples", "8000", "--save-dir", save_dir, "--quiet")
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = only_run_dir(save_dir)
-    config = json.load(open(os.path.join(run_dir, "config.json")))
+    config = read_json(os.path.join(run_dir, "config.json"))
     assert config["num_layers"] == 3 and config["dataset"] == "fashion_mnist"
     scalars = tensorboard_scalars(os.path.join(run_dir, "logs"))
     for block in (1, 2, 3):
@@ -64,15 +54,15 @@ def test_cli_trains_fashion_mnist_end_to_end(tmp_path, fashion_mnist_idx_dir):
             assert len(scalars[f"train/block_{block}/{metric}"]) == 1
     assert scalars["validation/epoch_error"][0] < 30.0
     assert scalars["train/epoch_learning_rate"] == [pytest.approx(5e-4)]
-    rows = list(csv.DictReader(open(os.path.join(run_dir, "history.csv"))))
+    rows = history_rows(run_dir)
     assert len(rows) == 1 and "block_3_sim_loss" in rows[0]
-    results = json.load(open(os.path.join(run_dir, "results.json")))
+    results = read_json(os.path.join(run_dir, "results.json"))
     assert results["test_error"] == pytest.approx(float(rows[0]["val_error"]), abs=1e-3)
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "last.keras"))
     model = kl.load_model(os.path.join(run_dir, "model.keras"))
     assert isinstance(model, kl.LocalModel) and len(model.local_blocks) == 3
     export_dir = os.path.join(run_dir, "export")
-    metadata = json.load(open(os.path.join(export_dir, "metadata.json")))
+    metadata = read_json(os.path.join(export_dir, "metadata.json"))
     assert metadata["test_error"] == pytest.approx(results["test_error"])
     assert os.path.isfile(os.path.join(export_dir, "model.onnx"))
 
@@ -99,7 +89,7 @@ def test_killed_run_resumes_with_identical_optimizer_iterations(tmp_path):
     assert metadata is not None, "no epoch completed before the deadline"
     run_dir = only_run_dir(save_dir)
     assert not os.path.exists(os.path.join(run_dir, "results.json")), "finished before the kill"
-    completed = json.load(open(metadata))["epoch"]
+    completed = read_json(metadata)["epoch"]
     assert 1 <= completed < 4
 
     result = train_cli("--resume", run_dir, "--quiet", "--no-export")
@@ -109,7 +99,7 @@ def test_killed_run_resumes_with_identical_optimizer_iterations(tmp_path):
     assert int(model.optimizer.iterations) == 4 * steps_per_epoch
     # the milestone schedule continued: epochs 2 and 3 decayed once and twice
     assert float(model.optimizer.learning_rate) == pytest.approx(5e-4 * 0.25**2)
-    epochs = [int(row["epoch"]) for row in csv.DictReader(open(os.path.join(run_dir, "history.csv")))]
+    epochs = history_epochs(run_dir)
     assert epochs[-1] == 3 and sorted(set(epochs)) == [0, 1, 2, 3]
 
 
@@ -132,7 +122,7 @@ def make_corrupt(folder, source):
 def make_truncated(folder, source):
     folder.mkdir()
     for name in IDX_NAMES:
-        raw = gzip.decompress(open(os.path.join(source, name), "rb").read())
+        raw = gzip.decompress(pathlib.Path(source, name).read_bytes())
         (folder / name).write_bytes(gzip.compress(raw[: len(raw) // 2], compresslevel=1))
     return str(folder)
 
@@ -197,7 +187,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, rng):
         model.fit(x, y, batch_size=16, epochs=3, verbose=0,
                   callbacks=[PoisonAtEpoch(1), NaNGuard(), AtomicCheckpoint(path)])
     saved = kl.load_model(path)
-    assert all(np.all(np.isfinite(keras.ops.convert_to_numpy(v))) for v in saved.weights)
+    assert all(np.all(np.isfinite(to_numpy(v))) for v in saved.weights)
     assert int(saved.optimizer.iterations) == 4  # one epoch of 64 / 16
 
 
@@ -212,10 +202,10 @@ def test_cli_scale_out_options_train(tmp_path, scale_out):
                        "--save-dir", save_dir, "--quiet", "--no-export", *scale_out)
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = only_run_dir(save_dir)
-    config = json.load(open(os.path.join(run_dir, "config.json")))
+    config = read_json(os.path.join(run_dir, "config.json"))
     assert config["strategy"] == ("mirrored" if "--strategy" in scale_out else "auto")
     assert config["pipeline"] == ("--pipeline" in scale_out)
-    results = json.load(open(os.path.join(run_dir, "results.json")))
+    results = read_json(os.path.join(run_dir, "results.json"))
     assert results["epochs_completed"] == 2 and results["test_error"] < 90.0
 
 
@@ -235,17 +225,9 @@ def test_says_what_the_first_step_does_before_it_starts(tmp_path):
 
 
 # ------------------------------------------------------------- the console scripts
-def console_script(name):
-    """The installed console script ``name`` (``pip install -e .`` puts it beside the
-    interpreter)."""
-    path = shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name)
-    assert path, f"console script {name} not installed: pip install -e '.[dev]' first"
-    return path
-
-
 def declared_scripts():
     """pyproject.toml's [project.scripts] table, read as text (no tomllib on Python 3.10)."""
-    text = open(os.path.join(ROOT, "pyproject.toml")).read()
+    text = pathlib.Path(ROOT, "pyproject.toml").read_text()
     table = text.split("[project.scripts]\n", 1)[1].split("\n[", 1)[0]
     return dict((part.strip().strip('"') for part in line.split("=", 1))
                 for line in table.splitlines() if "=" in line)
@@ -300,10 +282,6 @@ def test_list_recipes_and_help_import_no_backend(flag):
         from keras_local.recipes import RECIPES
 
         assert len(lines) == 1 + len(RECIPES) + 1 and lines[0].startswith("recipe ")
-
-
-def help_text(parser):
-    return " ".join(parser.format_help().split())  # independent of the terminal width
 
 
 def test_help_shows_every_default_as_it_runs_and_what_recipes_change():

@@ -3,26 +3,13 @@
 
 import numpy as np
 import pytest
-from keras import ops
 
 import keras_local as kl
 from keras_local.data.pipeline import NumpyBatches, epoch_order, make_datasets
 from keras_local.data.catalogue import get_dataset_info
 from keras_local.layers.block import LocalBlock
 
-
-
-def numpy_similarity(x, use_std=True):
-    """The reference's similarity_matrix on NCHW data (x given NHWC)."""
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim == 4:
-        x = x.transpose(0, 3, 1, 2)  # NCHW, as PyTorch flattens it
-        if use_std and x.shape[1] > 3 and x.shape[2] > 1:
-            x = x.reshape(x.shape[0], x.shape[1], -1).std(axis=2, ddof=1)
-    z = x.reshape(x.shape[0], -1)
-    z = z - z.mean(axis=1, keepdims=True)
-    z = z / (1e-8 + np.sqrt((z**2).sum(axis=1, keepdims=True)))
-    return np.clip(z @ z.T, -1, 1)
+from helpers import numpy_similarity, to_numpy
 
 
 def numpy_cross_entropy(logits, labels):
@@ -31,20 +18,20 @@ def numpy_cross_entropy(logits, labels):
     return -log_probs[np.arange(len(labels)), labels].mean()
 
 
-def to_numpy(x):
-    return np.asarray(ops.convert_to_numpy(x), dtype=np.float64)
+def to_float64(x):
+    return to_numpy(x).astype(np.float64)
 
 
 # --------------------------------------------------------------- --no-similarity-std
 def test_similarity_without_std_flattens_feature_maps(rng):
     x = rng.normal(size=(5, 3, 3, 6)).astype("float32")
-    flat = to_numpy(kl.similarity_matrix(x, use_std=False))
+    flat = to_float64(kl.similarity_matrix(x, use_std=False))
     np.testing.assert_allclose(flat, numpy_similarity(x, use_std=False), atol=2e-6)
     assert not np.allclose(flat, numpy_similarity(x), atol=1e-3)  # the std form differs
     # Matrices and maps of <= 3 channels are flattened either way.
     y = rng.normal(size=(5, 3, 3, 2)).astype("float32")
-    np.testing.assert_array_equal(to_numpy(kl.similarity_matrix(y, use_std=False)),
-                                  to_numpy(kl.similarity_matrix(y)))
+    np.testing.assert_array_equal(to_float64(kl.similarity_matrix(y, use_std=False)),
+                                  to_float64(kl.similarity_matrix(y)))
 
 
 def test_no_similarity_std_reaches_the_sim_heads(rng):
@@ -54,7 +41,7 @@ def test_no_similarity_std_reaches_the_sim_heads(rng):
     assert not block.heads["sim"].similarity_std
     h = rng.normal(size=(6, 8, 8, 8)).astype("float32")
     labels = np.eye(4, dtype="float32")[rng.integers(0, 4, 6)]
-    transformed = to_numpy(block.heads["sim"](h))
+    transformed = to_float64(block.heads["sim"](h))
     want = np.mean((numpy_similarity(transformed, use_std=False) - numpy_similarity(labels))**2)
     assert float(block.heads["sim"].loss(h, labels)) == pytest.approx(want, rel=1e-5)
 
@@ -77,7 +64,7 @@ def test_unsup_sim_term_is_mse_of_block_input_similarity(rng):
     block.heads["sim"].transform.kernel.assign(np.eye(4, dtype="float32"))
     loss = float(block.local_loss(x, h, np.eye(4, dtype="float32")[labels]))
     unsup = np.mean((numpy_similarity(h) - numpy_similarity(x))**2)
-    pred = numpy_cross_entropy(to_numpy(block.heads["pred"].dense.bias)[None].repeat(6, 0),
+    pred = numpy_cross_entropy(to_float64(block.heads["pred"].dense.bias)[None].repeat(6, 0),
                                labels)  # zero kernel: the logits are the bias
     assert loss == pytest.approx(0.3 * unsup + 0.7 * pred, rel=1e-5)
     assert float(block.local_metrics["unsup_sim_loss"].result()) == pytest.approx(unsup,
@@ -112,13 +99,13 @@ def test_recon_decoder_gradient_matches_hand_computation(rng):
         tape.watch(x_tensor)
         loss = block.local_loss(x_tensor, tf.constant(h), np.eye(4, dtype="float32")[[0] * 6])
     grad_w, grad_b = tape.gradient(loss, [decoder.kernel, decoder.bias])
-    kernel, bias = to_numpy(decoder.kernel), to_numpy(decoder.bias)
+    kernel, bias = to_float64(decoder.kernel), to_float64(decoder.bias)
     pre = h @ kernel + bias
     x_hat = np.maximum(pre, 0)
     assert float(loss) == pytest.approx(np.mean((x_hat - x)**2), rel=1e-5)
     delta = 2 * (x_hat - x) * (pre > 0) / x.size
-    np.testing.assert_allclose(to_numpy(grad_w), h.T @ delta, rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(to_numpy(grad_b), delta.sum(axis=0), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(to_float64(grad_w), h.T @ delta, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(to_float64(grad_b), delta.sum(axis=0), rtol=1e-4, atol=1e-7)
     assert tape.gradient(loss, x_tensor) is None
     # PyTorch's default init of Linear(3, 5): U(+-1/sqrt(3)) for weight and bias.
     assert np.abs(kernel).max() <= 3**-0.5 and np.abs(bias).max() <= 3**-0.5
@@ -136,7 +123,7 @@ def test_recon_conv_decoder_and_first_layer(rng):
     loss = float(first.local_loss(rng.normal(size=(6, 5)).astype("float32"),
                                   rng.normal(size=(6, 4)).astype("float32"),
                                   np.eye(4, dtype="float32")[labels]))
-    logits = to_numpy(first.heads["pred"].dense.bias)[None].repeat(6, 0)
+    logits = to_float64(first.heads["pred"].dense.bias)[None].repeat(6, 0)
     assert loss == pytest.approx(0.75 * numpy_cross_entropy(logits, labels), rel=1e-5)
 
 

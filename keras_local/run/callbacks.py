@@ -133,7 +133,7 @@ class RandomStreams(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         if keras.backend.backend() == "jax":
             return  # JAX's fit() carries the variables itself between its syncs
-        self.generators = [(v, int(keras.ops.convert_to_numpy(v)[0]))
+        self.generators = [(v, int(v.numpy()[0]))
                            for v in self.model.non_trainable_variables
                            if v.path.endswith("seed_generator_state")]
 
@@ -144,7 +144,7 @@ class RandomStreams(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         if not self.generators:
             return
-        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        step = int(self.model.optimizer.iterations.numpy())
         for variable, seed in self.generators:
             variable.assign(np.asarray([seed, step * self.STRIDE], dtype=variable.dtype))
 

@@ -391,6 +391,8 @@ def _train_in(prepared, run_dir, chief, started, verbose, export):
     train_ds, test_ds = pipeline(global_batches, train, test, epoch_clock=clock,
                                  **({"first_epoch": initial_epoch} if forever else {}))
     steps = steps_per_epoch(global_batches, len(train[1])) if forever else None
+    csv_logger = keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"),
+                                           append=bool(config.resume))
     # BackupAndRestore last: when its epoch-end state exists, the checkpoint, CSV row and
     # TensorBoard scalars of that epoch exist too. RandomStreams first (see its doc), then
     # EpochTimes (its epoch_seconds must reach the loggers).
@@ -400,8 +402,7 @@ def _train_in(prepared, run_dir, chief, started, verbose, export):
         NaNGuard(run_dir),
         milestone_scheduler(config),
         AtomicCheckpoint(os.path.join(run_dir, "checkpoints", "last.keras")),
-        keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"),
-                                  append=bool(config.resume)),
+        csv_logger,
         keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
     ]
     if with_tensorflow:  # TensorBoard's writer needs TensorFlow
@@ -417,9 +418,14 @@ def _train_in(prepared, run_dir, chief, started, verbose, export):
     if verbose:
         print(first_step_notice(model), flush=True)
     fit_started = time.perf_counter()
-    history = model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps,
-                        validation_data=test_ds, shuffle=False,
-                        callbacks=callbacks, verbose=verbose, initial_epoch=initial_epoch)
+    try:
+        history = model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps,
+                            validation_data=test_ds, shuffle=False,
+                            callbacks=callbacks, verbose=verbose, initial_epoch=initial_epoch)
+    finally:
+        # Closes history.csv: fit skips on_train_end when an exception (Ctrl-C, a full
+        # disk, a non-finite loss) ends the run.
+        csv_logger.on_train_end()
     fit_seconds = time.perf_counter() - fit_started
 
     scores = model.evaluate(test_ds, verbose=0, return_dict=True)
