@@ -64,10 +64,10 @@ def child(dataset, threads, args):
         tf.config.threading.set_inter_op_parallelism_threads(threads)
         tf.config.threading.set_intra_op_parallelism_threads(threads)
     from keras_local.config import Config
-    from keras_local.data.catalogue import DATASETS as CATALOGUE
+    from keras_local.data.catalogue import get_dataset_info
     from keras_local.data.pipeline import make_datasets
 
-    info = CATALOGUE[dataset]
+    info = get_dataset_info(dataset)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.examples,) + info.input_shape, dtype=np.uint8)
     labels = (np.arange(args.examples) % info.num_classes).astype(np.int64)
@@ -111,11 +111,11 @@ def main(argv=None):
         header += " 1 core / training step |"
         rule += " ---: |"
     print(header + "\n" + rule)
-    from keras_local.data.catalogue import DATASETS as CATALOGUE
+    from keras_local.data.catalogue import get_dataset_info
 
     results = []
     for dataset in args.datasets:
-        info = CATALOGUE[dataset]
+        info = get_dataset_info(dataset)
         one, every = measure(dataset, 1, args), measure(dataset, 0, args)
         augmentation = ", ".join(
             part for part, on in ((f"crop (pad {info.crop_padding})", info.crop_padding),
