@@ -68,7 +68,7 @@ def test_train_cli_start_is_quiet_and_ends_with_a_summary(tmp_path):
 def test_xla_cache_goes_into_a_folder_per_tensorflow_version_and_cpu(tmp_path, monkeypatch):
     from keras_local.run.quiet import use_xla_cache
 
-    monkeypatch.delenv("TF_XLA_FLAGS", raising=False)
+    monkeypatch.setenv("TF_XLA_FLAGS", "")  # restored (unset) afterwards
     target = use_xla_cache(str(tmp_path / "cache"))
     assert os.path.isdir(target) and os.path.dirname(target) == str(tmp_path / "cache")
     assert os.path.basename(target).startswith("tensorflow-2.")
@@ -109,3 +109,57 @@ def test_a_second_run_loads_the_programs_the_first_compiled(tmp_path):
                             capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-2000:]
     assert sorted(path.name for path in folder.iterdir()) == compiled  # loaded, none new
+
+
+LIVE_FILTER_SCRIPT = """
+import importlib.util, os, sys, time
+spec = importlib.util.spec_from_file_location("quiet", sys.argv[1])
+quiet = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(quiet)
+with quiet.live_filtered_stderr(quiet.XLA_CACHE_NOISE):
+    os.write(2, b"before\\n")
+    os.write(2, sys.argv[2].encode() + b"\\n")
+    os.write(2, b"E0000 00:00:1.0   1 some_kernel.cc:12] a real error\\n")
+    os.write(2, b"Epoch 1/2 ")  # no newline yet: shows at once, not at the end
+    time.sleep(0.5)
+    print("python stderr", file=sys.stderr)
+os.write(2, b"after\\n")
+"""
+CACHE_NOISE_LINE = ("E0000 00:00:1796655031.942260   25174 text_format.cc:378] Error parsing "
+                    "text-format tensorflow.XlaSerializedCacheEntry: 2:1: Expected identifier, "
+                    "got: 5")
+
+
+def test_live_filter_drops_the_xla_cache_noise_and_passes_the_rest_at_once():
+    result = subprocess.run(
+        [sys.executable, "-c", LIVE_FILTER_SCRIPT,
+         os.path.join(ROOT, "keras_local", "run", "quiet.py"), CACHE_NOISE_LINE],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "before", "E0000 00:00:1.0   1 some_kernel.cc:12] a real error",
+        "Epoch 1/2 python stderr", "after"]
+
+
+def test_a_run_on_a_warm_xla_cache_prints_no_cache_errors(tmp_path):
+    """TensorFlow logs an ERROR line for every program it loads from the XLA cache (it tries
+    the binary entry as text first); the second run of the same network loads them all."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("TF_CPP_MIN_LOG_LEVEL", "TF_XLA_FLAGS")}
+    cache = tmp_path / "xla"
+
+    def run(name):
+        return subprocess.run(
+            [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "fashion_mnist_demo",
+             "--model", "mlp", "--epochs", "1", "--max-train-examples", "256",
+             "--num-hidden", "32", "--num-layers", "1", "--xla-cache", str(cache),
+             "--save-dir", str(tmp_path / name)],
+            capture_output=True, text=True, timeout=300, env=env)
+
+    first = run("first")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert any(files for _, _, files in os.walk(cache)), "the first run cached no program"
+    second = run("second")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "XlaSerializedCacheEntry" not in second.stderr, second.stderr[-2000:]
+    assert "E0000" not in second.stderr + second.stdout

@@ -8,6 +8,7 @@ field added there is an option here, with its help, group, choices and default.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import os
@@ -218,9 +219,10 @@ def main(argv=None):
         # Before TensorFlow starts: oneDNN's kernels are not covered by op determinism.
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     from keras_local.run.plugins import PluginError, load_plugins
-    from keras_local.run.quiet import quiet_start, use_xla_cache
+    from keras_local.run.quiet import (XLA_CACHE_NOISE, live_filtered_stderr, quiet_start,
+                                       use_xla_cache)
 
-    use_xla_cache(resumed.get("xla_cache", early.xla_cache))
+    xla_cache = use_xla_cache(resumed.get("xla_cache", early.xla_cache))
 
     plugins = list(resumed.get("plugins", [])) + early.plugins
     if plugins:
@@ -254,8 +256,11 @@ def main(argv=None):
     except (*USER_ERRORS, WriteError) as error:
         print(f"{TRAIN_COMMAND}: error: {error}", file=sys.stderr)
         return 2
+    cache_noise_filter = (live_filtered_stderr(XLA_CACHE_NOISE) if xla_cache
+                          else contextlib.nullcontext())
     try:
-        train_prepared(prepared, verbose=0 if args.quiet else 1, export=not args.no_export)
+        with cache_noise_filter:
+            train_prepared(prepared, verbose=0 if args.quiet else 1, export=not args.no_export)
     except NonFiniteLossError as error:
         print(f"{TRAIN_COMMAND}: error: {error}", file=sys.stderr)
         return 1

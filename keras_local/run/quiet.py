@@ -25,12 +25,22 @@ import os
 import re
 import sys
 import tempfile
+import threading
 
 NOISE = re.compile(
     rb"WARNING: All log messages before absl::InitializeLog\(\) is called"
     rb"|^[IWE]\d{4} [\d:. ]+\d+ (cudart_stub|cuda_platform|cuda_executor|cuda_dnn|cuda_fft"
     rb"|cuda_blas|cpu_feature_guard|port)\.cc:\d+\]"
     rb"|^To enable the following instructions: .*rebuild TensorFlow")
+# TensorFlow reads every entry of the XLA program cache as a text proto first and, when that
+# fails (the entries are binary), as a binary one: each load of a cached program logs this at
+# ERROR level although it then loads fine.
+XLA_CACHE_NOISE = re.compile(
+    rb"^E\d{4} [\d:. ]+\d+ text_format\.cc:\d+\] Error parsing text-format "
+    rb"tensorflow\.XlaSerializedCacheEntry")
+# How a line of TensorFlow's C++ logging begins: a partial line that starts so is held back
+# until its end shows whether it is noise.
+LOG_LINE_START = re.compile(rb"^[IWEF](\d{0,4}$|\d{4} )")
 
 
 def quiet_start(import_tensorflow=None):
@@ -108,6 +118,53 @@ def _cpu_id():
     except OSError:
         pass
     return hashlib.sha256(description.encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def live_filtered_stderr(noise):
+    """Sends file descriptor 2 through a pipe for the duration: a reader thread drops the
+    lines that ``noise`` (a bytes regex) matches and passes every other one on at once (unlike
+    ``filtered_stderr``, which holds all until the end: fit for the whole of a training run)."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 (a daemon): nothing to keep quiet
+        yield
+        return
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward():
+        pending = b""
+        while chunk := os.read(read_end, 65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                if not noise.search(line):
+                    _write_all(saved, line + b"\n")
+            if pending and not LOG_LINE_START.match(pending):
+                _write_all(saved, pending)  # a prompt or progress without its newline yet
+                pending = b""
+        if pending and not noise.search(pending):
+            _write_all(saved, pending)
+
+    reader = threading.Thread(target=forward, name="stderr-filter", daemon=True)
+    reader.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the reader reads to its end
+        # A child process started meanwhile may still hold the pipe: do not wait on it for long.
+        reader.join(timeout=5)
+        if not reader.is_alive():  # else the reader keeps both descriptors until its end
+            os.close(saved)
+            os.close(read_end)
+
+
+def _write_all(descriptor, data):
+    while data:
+        data = data[os.write(descriptor, data):]
 
 
 @contextlib.contextmanager
