@@ -103,7 +103,7 @@ def build(name, mode, xla, args, **overrides):
     """``build_network`` for ``MODELS[name]``; ``args`` carries batch_size and optionally
     num_hidden, feat_mult, modules, precision and backend."""
     architecture, input_shape, recipe = MODELS[name]
-    options = {key: getattr(args, key) for key in ("precision", "backend", "modules")
+    options = {key: getattr(args, key) for key in ("precision", "backend", "modules", "loss_sup")
                if getattr(args, key, None) is not None}
     width = "num_hidden" if architecture == "mlp" else "feat_mult"
     if getattr(args, width, None) is not None:
@@ -172,9 +172,11 @@ def load_reference_setup():
     return namespace
 
 
-def run_bench(folder, name, mode, batch_size, batches=None, warmup=None, num_hidden=None):
+def run_bench(folder, name, mode, batch_size, batches=None, warmup=None, num_hidden=None,
+              loss_sup=None):
     """One run of the authors' script through its ``bench.py`` on ``REFERENCE_ARGS[name]``
-    (``batches`` / ``warmup`` default to the model's): (its BENCH_JSON dict, wall seconds)."""
+    (``batches`` / ``warmup`` default to the model's; ``loss_sup`` its --loss-sup): (its
+    BENCH_JSON dict, wall seconds)."""
     folder = os.path.abspath(folder)
     flags, default_batches, default_warmup = REFERENCE_ARGS[name]
     if num_hidden is not None and name == "mlp":
@@ -186,6 +188,8 @@ def run_bench(folder, name, mode, batch_size, batches=None, warmup=None, num_hid
                "--batch-size", str(batch_size), "--no-cuda", "--save-dir", ""]
     if mode == "backprop":
         command.append("--backprop")
+    if loss_sup is not None:
+        command += ["--loss-sup", loss_sup]
     started = time.time()
     done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
     seconds = time.time() - started
@@ -205,14 +209,16 @@ def side_by_side(name, mode, args):
     for _ in range(args.rounds):
         loads.append(os.getloadavg()[0])
         result, _ = run_bench(args.reference, name, mode, args.batch_size,
-                              num_hidden=args.num_hidden)
+                              num_hidden=args.num_hidden, loss_sup=getattr(args, "loss_sup", None))
         reference.append(result["img_per_s_compute_only"])
         windows = [args.batch_size * steps / timed_fit(model, dataset, steps)
                    for _ in range(args.windows)]
         ours.append(statistics.median(windows))
         print(f"  {name} {mode}: reference {reference[-1]:.1f}, keras-local {ours[-1]:.1f} "
               f"images/s (load {loads[-1]:.2f})", file=sys.stderr, flush=True)
-    return {"model": name, "mode": mode, "input_shape": list(input_shape),
+    loss_sup = getattr(args, "loss_sup", None)
+    return {"model": name, "mode": f"{mode} ({loss_sup})" if loss_sup and mode != "backprop"
+            else mode, "input_shape": list(input_shape),
             "xla_resolved": xla_resolved(model), "batch_size": args.batch_size,
             "reference_images_per_s": reference, "keras_local_images_per_s": ours,
             "reference_median": statistics.median(reference),

@@ -93,6 +93,9 @@ def parse_args(argv):
                    help="square matmul size for the float32 peak; 0 skips it")
     p.add_argument("--num-hidden", type=int, default=None,
                    help="override the mlp width (default: the recipe's 1024)")
+    p.add_argument("--loss-sup", default=None, choices=("pred", "sim", "predsim"),
+                   help="the local loss of predsim mode, on both sides of --reference: "
+                        "pred or sim alone shows what each head costs (default: the recipe's)")
     p.add_argument("--check-xla", action="store_true",
                    help="also train each model 3 steps with and without XLA from the same "
                         "weights (dropout off) and print the largest differences")
@@ -123,11 +126,11 @@ def main_side_by_side(args):
     results = [side_by_side(name, mode, args) for name in args.models for mode in args.modes]
     load_after = os.getloadavg()
     machine = hardware()
-    print(f"{'model':<8}{'input':<10}{'mode':<10}{'xla':<8}{'reference img/s':>17}"
+    print(f"{'model':<8}{'input':<10}{'mode':<18}{'xla':<8}{'reference img/s':>17}"
           f"{'keras-local img/s':>19}{'ratio':>8}")
     for r in results:
         shape = "x".join(str(d) for d in r["input_shape"])
-        print(f"{r['model']:<8}{shape:<10}{r['mode']:<10}{r['xla_resolved']:<8}"
+        print(f"{r['model']:<8}{shape:<10}{r['mode']:<18}{r['xla_resolved']:<8}"
               f"{r['reference_median']:>17.1f}{r['keras_local_median']:>19.1f}"
               f"{r['ratio']:>7.2f}x")
     print(f"medians of {args.rounds} alternating rounds (reference: bench.py compute-only; "
@@ -200,7 +203,7 @@ def print_table(results, rows, peak):
         shape = "x".join(str(d) for d in r["input_shape"])
         fraction = "" if r["fraction_of_peak"] is None else f"{100 * r['fraction_of_peak']:.0f}"
         xla = r["xla"] if r["xla"] != "auto" else f"auto:{r['xla_resolved']}"
-        print(f"{r['model']:<8}{shape:<10}{r['mode']:<10}{xla:<13}"
+        print(f"{r['model']:<8}{shape:<10}{r['mode']:<18}{xla:<13}"
               f"{r['precision']:<16}{r['step_ms']:>10.1f}{r['images_per_s']:>10.1f}"
               f"{max(r['window_images_per_s']):>9.1f}"
               f"{r['step_macs']['step'] / 1e9:>11.1f}{r['gflops']:>9.1f}{fraction:>8}")
