@@ -12,18 +12,24 @@ generated data (the models' rows: Fashion-MNIST IDX files for the mlp, CIFAR-10 
 conv nets), and ``--feat-mult 0.0625`` for convolutional networks (full-width networks take
 minutes per step on a CPU).
 
-Three tiers, because the whole matrix takes hours on two cores (resnet152 alone traces its
-step for minutes): the cheapest row runs in the default suite; one model of every builder
-and variant in every mode, and every reader of the dataset kinds, are ``slow`` (CI runs
-them: ``python -m pytest -q -m slow tests/test_default_paths.py``); the remaining rows
-(deeper members of a family, the same reader under another dataset name) are ``matrix``
-(``python -m pytest -q -m matrix tests/test_default_paths.py``, by hand before a release).
+Four tiers, because the whole matrix takes about 80 minutes on two cores with two rows side by
+side, most of it tracing the deep ResNets' steps: the cheapest row runs in the default suite;
+one model of every builder and variant in every mode, and every reader of the dataset kinds,
+are ``slow``; the remaining rows (deeper members of a family, the same reader under another
+dataset name) are ``matrix``, except the two deepest ResNets' (resnet101, resnet152: a third
+of the matrix's time, 14 minutes for one resnet152 row), which are ``deep``. CI runs the slow
+and matrix rows (``python -m pytest -q -m "slow or matrix" -n 2 tests/test_default_paths.py``);
+the deep ones run by hand (``-m deep -n 2``). A ``matrix`` or ``deep`` row predicts with the
+export train.py wrote (SavedModel + ONNX, parity checked) and leaves out the second export by
+``python -m export``: that command is the same code for every member of a family, and the
+slow rows run it.
 """
 
 import gzip
 import json
 import os
 import pickle
+import shlex
 import struct
 
 import numpy as np
@@ -50,6 +56,8 @@ CI_MODELS = {("vgg6a", "predsim"), ("vgg8", "predsim"), ("vgg8b", "predsim"),
              ("resnet18", "predsim"), ("wresnet10-8a", "predsim"), ("wresnet16-4", "predsim"),
              ("mlp", "backprop"), ("vgg8b", "backprop"), ("resnet18", "backprop"),
              ("mlp", "bio"), ("vgg8b", "bio"), ("resnet18", "bio")}
+# The rows outside CI (module doc): the same bottleneck builder as resnet50, 33 and 50 blocks.
+DEEP_MODELS = {"resnet101", "resnet152"}
 # One dataset per reader: the same IDX reader serves kmnist and fashion_mnist, the same
 # pickle reader cifar100.
 CI_DATASETS = {"fashion_mnist_demo", "mnist", "cifar10", "folder", "imagenet"}
@@ -155,8 +163,9 @@ def similarity_tags(run_dir):
     return accumulator.Tags()["tensors"]
 
 
-def whole_life(tmp_path, args, image, capsys):
-    """Kill in epoch 2, resume, export, predict (module docstring); returns the run dir."""
+def whole_life(tmp_path, args, image, capsys, export_again=True):
+    """Kill in epoch 2, resume (which exports), export again by ``python -m export`` unless
+    ``export_again`` is False, predict (module docstring); returns the run dir."""
     from export.__main__ import main as export_main
     from export.predict import main as predict_main
 
@@ -176,14 +185,15 @@ def whole_life(tmp_path, args, image, capsys):
     with open(os.path.join(run_dir, "export", "metadata.json")) as stream:
         assert sorted(json.load(stream)["parity_max_abs_diff"]) == ["onnx", "savedmodel"]
 
-    out = tmp_path / "exported"
-    capsys.readouterr()
-    assert export_main([run_dir, "--out", str(out)]) == 0, capsys.readouterr().err
-    with open(out / "metadata.json") as stream:
+    out = tmp_path / "exported" if export_again else os.path.join(run_dir, "export")
+    if export_again:
+        capsys.readouterr()
+        assert export_main([run_dir, "--out", str(out)]) == 0, capsys.readouterr().err
+    with open(os.path.join(out, "metadata.json")) as stream:
         metadata = json.load(stream)
     assert sorted(metadata["parity_max_abs_diff"]) == ["onnx", "savedmodel"]
     capsys.readouterr()
-    assert predict_main([str(out / "model.onnx"), image]) == 0, capsys.readouterr().err
+    assert predict_main([os.path.join(out, "model.onnx"), image]) == 0, capsys.readouterr().err
     line = capsys.readouterr().out.strip()
     best = line.split(": ", 1)[1].split(", ")[0].rsplit(" ", 1)[0]  # "Ankle boot 0.104, ..."
     assert line.startswith(f"{image}: ") and best in metadata["class_names"], line
@@ -196,7 +206,8 @@ def model_rows():
     for name in list_models():
         for mode in MODES:
             marks = ([] if (name, mode) in FAST_MODELS else [pytest.mark.slow]
-                     if (name, mode) in CI_MODELS else [pytest.mark.matrix])
+                     if (name, mode) in CI_MODELS else [pytest.mark.deep]
+                     if name in DEEP_MODELS else [pytest.mark.matrix])
             rows.append(pytest.param(name, mode, marks=marks, id=f"{name}-{mode}"))
     return rows
 
@@ -227,13 +238,23 @@ def test_the_matrix_covers_every_registered_model_and_dataset():
         "folder", "folder-96px", "folder-224px"]
 
 
+def test_ci_runs_every_row_of_the_matrix():
+    """The slow and matrix rows run in CI (.ci/run), not only by hand."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), ".ci", "run")) as stream:
+        commands = [shlex.split(line)[3:] for line in stream
+                    if line.startswith("python -m pytest")]
+    matrix = [command for command in commands if "tests/test_default_paths.py" in command]
+    assert matrix and matrix[0][matrix[0].index("-m") + 1] == "slow or matrix", commands
+
+
 @pytest.mark.parametrize("model,mode", model_rows())
 def test_every_model_and_mode_with_the_defaults(tmp_path, capsys, model, mode):
     # Conv nets on CIFAR-10: the ImageNet-style VGGs (five poolings) need 32 pixels, and
     # refuse 28 in one line ("Computed output size would be zero or negative").
     data, image = dataset_args("fashion_mnist" if model == "mlp" else "cifar10", str(tmp_path))
     width = [] if model == "mlp" else ["--feat-mult", SMALL_FEAT_MULT]
-    whole_life(tmp_path, [*data, "--model", model, *width, *MODES[mode]], image, capsys)
+    whole_life(tmp_path, [*data, "--model", model, *width, *MODES[mode]], image, capsys,
+               export_again=(model, mode) in FAST_MODELS | CI_MODELS)
 
 
 @pytest.mark.parametrize("dataset,image_size", dataset_rows())
@@ -241,7 +262,7 @@ def test_every_dataset_kind_with_the_defaults(tmp_path, capsys, dataset, image_s
     data, image = dataset_args(dataset, str(tmp_path), image_size)
     # The default model (vgg8b), narrow; at most 64 training images per epoch.
     whole_life(tmp_path, [*data, "--feat-mult", SMALL_FEAT_MULT, "--max-train-examples", "64"],
-               image, capsys)
+               image, capsys, export_again=dataset in FAST_DATASETS | CI_DATASETS)
 
 
 # ------------------------------------------------------------------ failures before training
