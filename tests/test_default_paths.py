@@ -16,8 +16,9 @@ Four tiers, because the whole matrix takes about 80 minutes on two cores with tw
 side, most of it tracing the deep ResNets' steps: the cheapest row runs in the default suite;
 one model of every builder and variant in every mode, and every reader of the dataset kinds,
 are ``slow``; the remaining rows (deeper members of a family, the same reader under another
-dataset name) are ``matrix``, except the two deepest ResNets' (resnet101, resnet152: a third
-of the matrix's time, 14 minutes for one resnet152 row), which are ``deep``. CI runs the slow
+dataset name) are ``matrix``, except the deepest networks' (resnet101, resnet152,
+wresnet40-10 and its "a" form: 44% of the matrix's time, 14 minutes for one resnet152 row),
+which are ``deep``, to keep CI within its time. CI runs the slow
 and matrix rows (``python -m pytest -q -m "slow or matrix" -n 2 tests/test_default_paths.py``);
 the deep ones run by hand (``-m deep -n 2``). A ``matrix`` or ``deep`` row predicts with the
 export train.py wrote (SavedModel + ONNX, parity checked) and leaves out the second export by
@@ -56,8 +57,8 @@ CI_MODELS = {("vgg6a", "predsim"), ("vgg8", "predsim"), ("vgg8b", "predsim"),
              ("resnet18", "predsim"), ("wresnet10-8a", "predsim"), ("wresnet16-4", "predsim"),
              ("mlp", "backprop"), ("vgg8b", "backprop"), ("resnet18", "backprop"),
              ("mlp", "bio"), ("vgg8b", "bio"), ("resnet18", "bio")}
-# The rows outside CI (module doc): the same bottleneck builder as resnet50, 33 and 50 blocks.
-DEEP_MODELS = {"resnet101", "resnet152"}
+# The rows outside CI (module doc): the builders of resnet50 and wresnet28-10, deeper.
+DEEP_MODELS = {"resnet101", "resnet152", "wresnet40-10", "wresnet40-10a"}
 # One dataset per reader: the same IDX reader serves kmnist and fashion_mnist, the same
 # pickle reader cifar100.
 CI_DATASETS = {"fashion_mnist_demo", "mnist", "cifar10", "folder", "imagenet"}
