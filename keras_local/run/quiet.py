@@ -120,15 +120,23 @@ def _cpu_id():
     return hashlib.sha256(description.encode()).hexdigest()[:12]
 
 
+def _saved_stderr():
+    """A duplicate of file descriptor 2, taken after Python's stderr is flushed; None where
+    the process has no file descriptor 2."""
+    sys.stderr.flush()
+    try:
+        return os.dup(2)
+    except OSError:
+        return None
+
+
 @contextlib.contextmanager
 def live_filtered_stderr(noise):
     """Sends file descriptor 2 through a pipe for the duration: a reader thread drops the
     lines that ``noise`` (a bytes regex) matches and passes every other one on at once (unlike
     ``filtered_stderr``, which holds all until the end: fit for the whole of a training run)."""
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no file descriptor 2 (a daemon): nothing to keep quiet
+    saved = _saved_stderr()
+    if saved is None:  # no file descriptor 2 (a daemon): nothing to keep quiet
         yield
         return
     read_end, write_end = os.pipe()
@@ -171,10 +179,8 @@ def _write_all(descriptor, data):
 def filtered_stderr(noise):
     """Sends file descriptor 2 (C++ and Python writes alike) to a temporary file; on exit
     writes back the lines that ``noise`` (a bytes regex) does not match, in order."""
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no file descriptor 2 (a daemon): nothing to keep quiet
+    saved = _saved_stderr()
+    if saved is None:  # no file descriptor 2 (a daemon): nothing to keep quiet
         yield
         return
     with tempfile.TemporaryFile() as captured:
