@@ -101,7 +101,7 @@ def build_network(architecture, input_shape, mode, xla, batch_size, **options):
 
 def build(name, mode, xla, args, **overrides):
     """``build_network`` for ``MODELS[name]``; ``args`` carries batch_size and optionally
-    num_hidden, feat_mult, modules, precision and backend."""
+    num_hidden, feat_mult, modules, precision, backend and loss_sup."""
     architecture, input_shape, recipe = MODELS[name]
     options = {key: getattr(args, key) for key in ("precision", "backend", "modules", "loss_sup")
                if getattr(args, key, None) is not None}
@@ -201,6 +201,7 @@ def side_by_side(name, mode, args):
     """Alternating rounds: the reference once, then keras-local's default (``--xla auto``)
     for ``args.windows`` windows; medians over the rounds and their ratio."""
     model = build(name, mode, "auto", args)
+    loss_sup = getattr(args, "loss_sup", None)  # throughput.py --loss-sup, on both sides
     _, input_shape, _ = MODELS[name]
     dataset = cached_batches(input_shape, args.batch_size)
     timed_fit(model, dataset, max(1, args.warmup_steps))
@@ -209,14 +210,13 @@ def side_by_side(name, mode, args):
     for _ in range(args.rounds):
         loads.append(os.getloadavg()[0])
         result, _ = run_bench(args.reference, name, mode, args.batch_size,
-                              num_hidden=args.num_hidden, loss_sup=getattr(args, "loss_sup", None))
+                              num_hidden=args.num_hidden, loss_sup=loss_sup)
         reference.append(result["img_per_s_compute_only"])
         windows = [args.batch_size * steps / timed_fit(model, dataset, steps)
                    for _ in range(args.windows)]
         ours.append(statistics.median(windows))
         print(f"  {name} {mode}: reference {reference[-1]:.1f}, keras-local {ours[-1]:.1f} "
               f"images/s (load {loads[-1]:.2f})", file=sys.stderr, flush=True)
-    loss_sup = getattr(args, "loss_sup", None)
     return {"model": name, "mode": f"{mode} ({loss_sup})" if loss_sup and mode != "backprop"
             else mode, "input_shape": list(input_shape),
             "xla_resolved": xla_resolved(model), "batch_size": args.batch_size,
